@@ -1,0 +1,451 @@
+"""Hugging Face <-> JAX conversion for LLaMA checkpoints (safetensors).
+
+Import reads one tensor slice at a time straight from the memory-mapped safetensors files into the
+device shard that needs it, so a model sharded over a mesh is never assembled on the host. Stacked
+decoder-layer parameters are filled one layer at a time into a donated device buffer. Export gathers one
+tensor at a time and writes a safetensors shard whenever `max_shard_size` is reached, so host memory
+peaks at about one shard.
+
+Rotary layout: HF stores q/k rows in the half-split ("rotate_half") order that `alpacare_jax.model.rope`
+uses, so q/k weights are copied without permutation; the parity tests against transformers prove it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from alpacare_jax import sharding as sharding_lib
+from alpacare_jax.model import Llama, LlamaConfig, RopeScaling
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Buffers some older checkpoints saved; they are recomputed from the config, never loaded.
+IGNORED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file and tensor."""
+
+
+# ---- config.json <-> LlamaConfig ------------------------------------------------------------------------
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConfig:
+    architectures = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    if model_type != "llama" or (architectures and not set(architectures) & set(SUPPORTED_ARCHITECTURES)):
+        raise CheckpointError(
+            f"{source}: unsupported architecture (model_type={model_type!r}, architectures={architectures}); "
+            f"supported: model_type 'llama' with {SUPPORTED_ARCHITECTURES}"
+        )
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise CheckpointError(f"{source}: {flag}=true is not supported (LLaMA has no biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (LLaMA uses silu)")
+    scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else None)
+    rope_theta = hf.get("rope_theta") or (scaling or {}).get("rope_theta") or 10000.0
+    rope_scaling = None
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        if scaling.get("rope_type", scaling.get("type")) != "llama3":
+            raise CheckpointError(f"{source}: rope_scaling type {scaling.get('rope_type')!r} is not supported")
+        rope_scaling = RopeScaling(
+            factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        )
+    num_heads = hf["num_attention_heads"]
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,
+        eos_token_id=hf.get("eos_token_id", 2) if hf.get("eos_token_id") is not None else 2,
+    )
+
+
+def config_to_hf(config: LlamaConfig, dtype: str) -> dict[str, Any]:
+    hf: dict[str, Any] = {
+        "architectures": list(SUPPORTED_ARCHITECTURES),
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "max_position_embeddings": config.max_position_embeddings,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) > 1 else config.eos_token_ids[0],
+        "torch_dtype": dtype,
+    }
+    if config.rope_scaling is not None:
+        hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
+    return hf
+
+
+# ---- tensor name and layout mapping ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TensorLayout:
+    """How one of our parameters relates to an HF tensor.
+
+    ours = hf.reshape(split).transpose(perm): `split` lists, for each HF dimension, the sizes it splits
+    into (q_proj's [heads*head_dim, embed] splits its rows into (heads, head_dim)); `perm` orders the
+    split dimensions as ours. `stacked` parameters hold all layers and map to one HF tensor per layer.
+    """
+
+    ours: tuple[str, ...]
+    hf_name: str  # "{layer}" is replaced by the layer number for stacked parameters
+    split: tuple[tuple[int, ...], ...]
+    perm: tuple[int, ...]
+    stacked: bool
+
+    def hf_names(self, num_layers: int) -> list[str]:
+        return [self.hf_name.format(layer=i) for i in range(num_layers)] if self.stacked else [self.hf_name]
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return tuple(math.prod(sizes) for sizes in self.split)
+
+    def to_hf(self, ours: np.ndarray) -> np.ndarray:
+        # Contiguous: safetensors writes the raw buffer and would ignore a transposed view's strides.
+        return np.ascontiguousarray(np.transpose(ours, np.argsort(self.perm)).reshape(self.hf_shape))
+
+    def read(self, tensor_slice: Any, index: tuple[slice, ...]) -> np.ndarray:
+        """Reads the part of one HF tensor that our (per-layer) `index` covers, in our layout."""
+        split_sizes = [s for sizes in self.split for s in sizes]
+        split_index: list[slice] = [slice(None)] * len(split_sizes)
+        for ours_dim, split_dim in enumerate(self.perm):
+            split_index[split_dim] = index[ours_dim]
+        hf_index, post_index, shape, k = [], [], [], 0
+        for sizes in self.split:
+            start, stop, _ = split_index[k].indices(sizes[0])
+            inner = math.prod(sizes[1:])
+            hf_index.append(slice(start * inner, stop * inner))
+            shape.extend([stop - start, *sizes[1:]])
+            post_index.extend([slice(None), *split_index[k + 1:k + len(sizes)]])
+            k += len(sizes)
+        block = tensor_slice[tuple(hf_index)]
+        return np.transpose(block.reshape(shape)[tuple(post_index)], self.perm)
+
+
+def tensor_layouts(config: LlamaConfig) -> list[TensorLayout]:
+    """Every parameter of `Llama`, in HF's tensor order (which export also uses)."""
+    e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    m, v = config.intermediate_size, config.vocab_size
+    prefix = "model.layers.{layer}."
+
+    def layer(ours: tuple[str, ...], hf: str, split, perm) -> TensorLayout:
+        return TensorLayout(("layers", *ours), prefix + hf, split, perm, stacked=True)
+
+    layouts = [
+        TensorLayout(("embed_tokens",), "model.embed_tokens.weight", ((v,), (e,)), (0, 1), stacked=False),
+        layer(("input_norm", "scale"), "input_layernorm.weight", ((e,),), (0,)),
+        layer(("attention", "q_proj"), "self_attn.q_proj.weight", ((h, d), (e,)), (2, 0, 1)),
+        layer(("attention", "k_proj"), "self_attn.k_proj.weight", ((k, d), (e,)), (2, 0, 1)),
+        layer(("attention", "v_proj"), "self_attn.v_proj.weight", ((k, d), (e,)), (2, 0, 1)),
+        layer(("attention", "o_proj"), "self_attn.o_proj.weight", ((e,), (h, d)), (1, 2, 0)),
+        layer(("post_attention_norm", "scale"), "post_attention_layernorm.weight", ((e,),), (0,)),
+        layer(("mlp", "gate_proj"), "mlp.gate_proj.weight", ((m,), (e,)), (1, 0)),
+        layer(("mlp", "up_proj"), "mlp.up_proj.weight", ((m,), (e,)), (1, 0)),
+        layer(("mlp", "down_proj"), "mlp.down_proj.weight", ((e,), (m,)), (1, 0)),
+        TensorLayout(("norm", "scale"), "model.norm.weight", ((e,),), (0,), stacked=False),
+    ]
+    if not config.tie_word_embeddings:
+        layouts.append(TensorLayout(("lm_head",), "lm_head.weight", ((v,), (e,)), (1, 0), stacked=False))
+    return layouts
+
+
+# ---- reading ----------------------------------------------------------------------------------------------
+
+class _SafetensorsDir:
+    """Name -> file lookup over a single-file or index-sharded safetensors checkpoint, files opened lazily."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        index_file, single = path / INDEX_FILE, path / SINGLE_FILE
+        if index_file.exists():
+            try:
+                self.weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise CheckpointError(f"{index_file}: not a safetensors index ({err})") from err
+        elif single.exists():
+            with safe_open(single, framework="numpy") as f:
+                self.weight_map = {name: SINGLE_FILE for name in f.keys()}
+        else:
+            raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+        self._open: dict[str, Any] = {}
+
+    def slice(self, name: str) -> Any:
+        try:
+            file = self.weight_map[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint") from None
+        if file not in self._open:
+            if not (self.path / file).exists():
+                raise CheckpointError(f"{self.path / file}: shard listed for tensor {name!r} does not exist")
+            self._open[file] = safe_open(self.path / file, framework="numpy")
+        handle = self._open[file]
+        if name not in handle.keys():
+            raise CheckpointError(f"{self.path / file}: tensor {name!r} is missing (the index lists it there)")
+        return handle.get_slice(name)
+
+    def check(self, layouts: list[TensorLayout], config: LlamaConfig) -> None:
+        """Fails before any reading on a missing, misshapen or unexpected tensor."""
+        expected = set()
+        for layout in layouts:
+            for name in layout.hf_names(config.num_layers):
+                expected.add(name)
+                shape = tuple(self.slice(name).get_shape())
+                if shape != layout.hf_shape:
+                    raise CheckpointError(
+                        f"{self.path / self.weight_map[name]}: tensor {name!r} has shape {list(shape)}, "
+                        f"expected {list(layout.hf_shape)} from config.json"
+                    )
+        # Tied checkpoints sometimes still carry a copy of the head; it is the embedding, so skip it.
+        redundant = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        unexpected = sorted(
+            n for n in self.weight_map if n not in expected | redundant and not IGNORED_TENSORS.match(n)
+        )
+        if unexpected:
+            raise CheckpointError(
+                f"{self.path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                "(not part of a LLaMA model; is this another architecture?)"
+            )
+
+
+def _layer_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one layer of a stacked parameter (the leading `layers` axis dropped)."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+@jax.jit
+def _set_layer(stacked: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, axis=0)
+
+
+_set_layer_donated = jax.jit(_set_layer.__wrapped__, donate_argnums=0)
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    compute_dtype: Any = None,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.LogicalRules = sharding_lib.DEFAULT_RULES,
+    **config_overrides: Any,
+) -> Llama:
+    """Loads an HF LLaMA directory as an NNX `Llama` with parameters in `dtype`.
+
+    With `mesh`, every parameter is placed on the shards its logical names map to under `rules`; each
+    device shard is read directly from the memory-mapped file. `config_overrides` set non-architectural
+    fields such as `remat_policy` or `attention_impl`.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
+    dtype_name = jnp.dtype(dtype).name
+    config = config_from_hf(json.loads(config_file.read_text()), str(config_file)).replace(
+        param_dtype=dtype_name, dtype=jnp.dtype(compute_dtype or dtype).name, **config_overrides
+    )
+    checkpoint = _SafetensorsDir(path)
+    layouts = tensor_layouts(config)
+    checkpoint.check(layouts, config)
+
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    if mesh is not None:
+        shardings = sharding_lib.state_shardings(state, mesh, rules)
+    else:
+        device_sharding = SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    target_dtype = np.dtype(jnp.dtype(dtype))
+    progress = tqdm(total=sum(len(l.hf_names(config.num_layers)) for l in layouts), desc="load", unit="tensor",
+                    disable=jax.process_index() != 0)
+    for layout in layouts:
+        variable = _lookup(state, layout.ours)
+        target_sharding = _lookup(shardings, layout.ours)
+        if not layout.stacked:
+            value = _read_array(checkpoint.slice(layout.hf_name), layout, variable.shape, target_sharding, target_dtype)
+            progress.update()
+        else:
+            layer_sharding = _layer_sharding(target_sharding)
+            value = jax.jit(lambda: jnp.zeros(variable.shape, target_dtype), out_shardings=target_sharding)()
+            for i, name in enumerate(layout.hf_names(config.num_layers)):
+                layer = _read_array(checkpoint.slice(name), layout, variable.shape[1:], layer_sharding, target_dtype)
+                value = _set_layer_donated(value, layer, jnp.int32(i))
+                progress.update()
+        variable.set_value(value)
+    progress.close()
+    return nnx.merge(graphdef, state)
+
+
+def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        tree = tree[key]
+    return tree
+
+
+def _read_array(tensor_slice, layout: TensorLayout, shape, sharding, dtype: np.dtype) -> jax.Array:
+    def read_shard(index: tuple[slice, ...]) -> np.ndarray:
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        return np.ascontiguousarray(layout.read(tensor_slice, index).astype(dtype))
+
+    return jax.make_array_from_callback(tuple(shape), sharding, read_shard)
+
+
+# ---- writing ----------------------------------------------------------------------------------------------
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", size.upper().replace("IB", "iB"))
+    if not match:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a string like '5GB' or '500MiB'")
+    number, unit = float(match.group(1)), match.group(2)
+    base = 1024 if "i" in unit else 1000
+    return int(number * base ** "BKMGT".index(unit[0]))
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _hf_tensors(model: Llama, layouts: list[TensorLayout]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """(HF name, thunk producing the HF-layout host array), one tensor at a time."""
+    state = nnx.state(model, nnx.Param)
+    for layout in layouts:
+        array = _lookup(state, layout.ours)[...]
+        if layout.stacked:
+            for i, name in enumerate(layout.hf_names(model.config.num_layers)):
+                yield name, (lambda a=array, i=i, l=layout: l.to_hf(_to_host(a[i])))
+        else:
+            yield layout.hf_name, (lambda a=array, l=layout: l.to_hf(_to_host(a)))
+
+
+def save_pretrained(
+    model: Llama,
+    path: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_size: int | str = "5GB",
+    tokenizer: Any = None,
+) -> None:
+    """Writes `model` as an HF LLaMA directory that `transformers` loads as it is.
+
+    Shards are written under temporary names and renamed into place, so an interrupted export never
+    leaves a truncated file under a final name. On several processes all take part in gathering each
+    tensor and only process 0 writes.
+    """
+    config = model.config
+    np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    layouts = tensor_layouts(config)
+    limit = _parse_size(max_shard_size)
+    # Plan shards from shapes alone so file names (which carry the total) are known before writing.
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    sizes = {}
+    for layout in layouts:
+        nbytes = math.prod(layout.hf_shape) * np_dtype.itemsize
+        for name in layout.hf_names(config.num_layers):
+            sizes[name] = nbytes
+            if shards[-1] and shard_bytes + nbytes > limit:
+                shards.append([])
+                shard_bytes = 0
+            shards[-1].append(name)
+            shard_bytes += nbytes
+    if len(shards) == 1:
+        file_names = [SINGLE_FILE]
+    else:
+        file_names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    writer = jax.process_index() == 0
+    out = Path(path)
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+    tensors = _hf_tensors(model, layouts)
+    progress = tqdm(total=len(sizes), desc="export", unit="tensor", disable=not writer)
+    weight_map = {}
+    for file_name, names in zip(file_names, shards):
+        shard: dict[str, np.ndarray] = {}
+        for expected_name in names:
+            name, produce = next(tensors)
+            assert name == expected_name, (name, expected_name)
+            shard[name] = np.ascontiguousarray(produce(), dtype=np_dtype)
+            weight_map[name] = file_name
+            progress.update()
+        if writer:
+            tmp = out / f".{file_name}.tmp"
+            save_file(shard, tmp, metadata={"format": "pt"})
+            os.replace(tmp, out / file_name)
+        del shard
+    progress.close()
+    if not writer:
+        return
+    # Remove files of an earlier export with another shard count, so loaders cannot mix them up.
+    for stale in out.glob("model*.safetensors"):
+        if stale.name not in file_names:
+            stale.unlink()
+    index = out / INDEX_FILE
+    if len(file_names) > 1:
+        _write_json(index, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+    elif index.exists():
+        index.unlink()
+    _write_json(out / "config.json", config_to_hf(config, dtype))
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config_to_hf(config, dtype)["eos_token_id"]}
+    _write_json(out / "generation_config.json", generation)
+    if tokenizer is not None:
+        tokenizer.save(out)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,6 @@
+"""LLaMA model: configuration presets, Flax NNX modules, attention backends."""
+
+from alpacare_jax.model.config import PRESETS, LlamaConfig, RopeScaling
+from alpacare_jax.model.llama import KVCache, Llama
+
+__all__ = ["PRESETS", "KVCache", "Llama", "LlamaConfig", "RopeScaling"]

@@ -1,0 +1,204 @@
+"""LLaMA-1/2/3 decoder in Flax NNX.
+
+Every parameter carries logical axis names (see `alpacare_jax.sharding` for how they become mesh axes).
+The decoder layers are stored stacked along a leading `layers` axis and run with `jax.lax.scan`, so
+compile time does not grow with depth and `remat_policy` applies to one layer body.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from alpacare_jax.model.attention import attention_mask, dot_product_attention
+from alpacare_jax.model.config import LlamaConfig
+from alpacare_jax.model.rope import apply_rotary, inverse_frequencies
+from alpacare_jax.sharding import constrain
+
+_INIT = nnx.initializers.normal(stddev=0.02)
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, shape: Sequence[int], names: tuple[str, ...], config: LlamaConfig, init=_INIT):
+    value = init(rngs.params(), tuple(shape), jnp.dtype(config.param_dtype))
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `max_length` buffer slots, plus which slots hold real tokens.
+
+    `segment_ids` is 0 for empty slots and left padding, so the attention mask needs no other state;
+    `index` is the next slot to write (shared by all rows: prompts are left-padded to a common length).
+    """
+
+    k: jax.Array  # [layers, batch, max_length, kv_heads, head_dim]
+    v: jax.Array
+    segment_ids: jax.Array  # [batch, max_length]
+    index: jax.Array  # [] int32
+
+    @classmethod
+    def empty(cls, config: LlamaConfig, batch: int, max_length: int, dtype=None) -> "KVCache":
+        dtype = jnp.dtype(dtype or config.dtype)
+        shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch, max_length), jnp.int32), index=jnp.zeros((), jnp.int32),
+        )
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.eps = config.rms_norm_eps
+        self.dtype = jnp.dtype(config.dtype)
+        self.scale = _param(rngs, (config.hidden_size,), ("embed",), config, nnx.initializers.ones)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # As in HF: normalise in float32, cast back, then scale (matters for bf16 parity).
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.config = config
+        self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), config)
+        self.k_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), config)
+        self.v_proj = _param(rngs, (e, k, d), ("embed", "kv_heads", "head_dim"), config)
+        self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), config)
+
+    def __call__(self, x, positions, mask, cache_kv=None, cache_index=None):
+        dtype = jnp.dtype(self.config.dtype)
+        q = jnp.einsum("ble,ehd->blhd", x, self.q_proj[...].astype(dtype))
+        k = jnp.einsum("ble,ekd->blkd", x, self.k_proj[...].astype(dtype))
+        v = jnp.einsum("ble,ekd->blkd", x, self.v_proj[...].astype(dtype))
+        inv_freq = inverse_frequencies(self.config)  # numpy: a compile-time constant, not model state
+        q = constrain(apply_rotary(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
+        k = constrain(apply_rotary(k, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        if cache_kv is not None:
+            k_cache, v_cache = cache_kv
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            cache_kv = (k, v)
+        out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask, impl=self.config.attention_impl)
+        out = jnp.einsum("blhd,hde->ble", out, self.o_proj[...].astype(dtype))
+        return out, cache_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        e, m = config.hidden_size, config.intermediate_size
+        self.dtype = jnp.dtype(config.dtype)
+        self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), config)
+        self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), config)
+        self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), config)
+
+    def __call__(self, x):
+        gate = x @ self.gate_proj[...].astype(self.dtype)
+        up = x @ self.up_proj[...].astype(self.dtype)
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return hidden @ self.down_proj[...].astype(self.dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.input_norm = RMSNorm(config, rngs=rngs)
+        self.attention = Attention(config, rngs=rngs)
+        self.post_attention_norm = RMSNorm(config, rngs=rngs)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, mask, cache_kv=None, cache_index=None):
+        attn_out, cache_kv = self.attention(self.input_norm(x), positions, mask, cache_kv, cache_index)
+        x = constrain(x + attn_out, ("batch", "length", "embed"))
+        x = constrain(x + self.mlp(self.post_attention_norm(x)), ("batch", "length", "embed"))
+        return x, cache_kv
+
+
+class Llama(nnx.Module):
+    """Causal LM: `model(input_ids)` -> float32 logits [batch, length, vocab]."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), config)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits for `input_ids` [batch, length].
+
+        `positions` (rotary positions, restarting per packed example) default to 0..length-1 (after the
+        cache's filled slots when decoding). `segment_ids` number packed examples 1, 2, ... and mark
+        padding with 0; attention stays inside a segment. With `cache`, the new keys/values are written
+        at `cache.index` and `(logits, updated_cache)` is returned.
+        """
+        config = self.config
+        batch, length = input_ids.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if cache is None:
+            kv_index, kv_segment_ids, cache_index = q_index, segment_ids, None
+        else:
+            cache_index = cache.index
+            q_index = q_index + cache_index
+            kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))
+            kv_index = jnp.broadcast_to(jnp.arange(kv_segment_ids.shape[1], dtype=jnp.int32), kv_segment_ids.shape)
+        if positions is None:
+            positions = q_index
+        mask = attention_mask(q_index, kv_index, segment_ids, kv_segment_ids)
+
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(config.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def layer_body(x, scanned):
+            state, cache_kv = scanned
+            x, cache_kv = nnx.merge(graphdef, state)(x, positions, mask, cache_kv, cache_index)
+            return x, cache_kv
+
+        if config.remat_policy != "none":
+            layer_body = jax.checkpoint(layer_body, policy=REMAT_POLICIES[config.remat_policy])
+        cache_kv = None if cache is None else (cache.k, cache.v)
+        x, new_cache_kv = jax.lax.scan(layer_body, x, (layer_state, cache_kv))
+
+        x = self.norm(x)
+        head = self.embed_tokens[...].T if config.tie_word_embeddings else self.lm_head[...]
+        logits = jnp.einsum("ble,ev->blv", x, head.astype(config.dtype), preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        new_cache = KVCache(
+            k=new_cache_kv[0], v=new_cache_kv[1], segment_ids=kv_segment_ids, index=cache_index + length
+        )
+        return logits, new_cache

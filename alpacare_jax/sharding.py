@@ -1,0 +1,135 @@
+"""The one place where logical axis names meet the device mesh.
+
+Model code names the axes of its parameters and activations logically (`embed`, `mlp`, `heads`, ...).
+This module owns the mesh (axes `data`, `fsdp`, `tensor`, built from the config) and the rule table that
+maps each logical name to mesh axes. Changing how a model is parallelised therefore means editing a
+rule table in a config, never the model.
+
+Rules follow flax's convention: for each logical axis the first rule whose mesh axes are still unused
+in that array's spec wins, so activations reuse the parameter names (`("batch", "length", "embed")`
+shards `batch` over data+fsdp and leaves `embed` whole, because `fsdp` is already taken).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+import flax.linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# FSDP over `fsdp` (parameters and optimizer state split along `embed`), Megatron-style tensor
+# parallelism over `tensor` (heads, MLP and vocabulary split), data parallelism over `data` + `fsdp`.
+DEFAULT_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape per axis; one axis may be -1 to take all remaining devices.
+
+    `dcn_data` > 1 builds a multi-slice mesh (TPU slices joined over the data-centre network): the
+    `data` axis then spans slices, the cheap place for the once-per-step gradient all-reduce.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    dcn_data: int = 1
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "MeshConfig":
+        return cls(**{f.name: int(cfg[f.name]) for f in dataclasses.fields(cls) if f.name in cfg})
+
+
+def _resolve_shape(sizes: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    sizes = list(sizes)
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(f"{num_devices} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, but {num_devices} are available"
+        )
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig | Any = MeshConfig(), devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh, topology-aware on TPU via mesh_utils."""
+    from jax.experimental import mesh_utils
+
+    cfg = cfg if isinstance(cfg, MeshConfig) else MeshConfig.from_config(cfg)
+    devices = list(jax.devices() if devices is None else devices)
+    if cfg.dcn_data > 1:
+        per_slice = _resolve_shape((cfg.data, cfg.fsdp, cfg.tensor), len(devices) // cfg.dcn_data)
+        device_array = mesh_utils.create_hybrid_device_mesh(
+            per_slice, (cfg.dcn_data, 1, 1), devices=devices
+        )
+    else:
+        shape = _resolve_shape((cfg.data, cfg.fsdp, cfg.tensor), len(devices))
+        try:
+            device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: LogicalRules = DEFAULT_RULES) -> PartitionSpec:
+    if names is None:
+        return PartitionSpec()
+    return nn.logical_to_mesh_axes(tuple(names), rules)
+
+
+def logical_sharding(mesh: Mesh, names: Sequence[str | None] | None, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, rules))
+
+
+def axis_names_of(variable: nnx.Variable) -> tuple[str | None, ...] | None:
+    """The logical names a model attached to a parameter (flax stores them as `out_sharding`)."""
+    return variable.get_metadata().get("out_sharding")
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> nnx.State:
+    """A NamedSharding for every variable of an nnx State (or abstract State), from its logical names."""
+
+    def one(variable):
+        return logical_sharding(mesh, axis_names_of(variable), rules)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# ---- activations --------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[None]:
+    """Makes `mesh` and `rules` current so that `constrain` inside traced model code takes effect."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `activate` (single device, tests)."""
+    return nn.with_logical_constraint(x, tuple(names))

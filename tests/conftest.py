@@ -1,0 +1,10 @@
+"""Shared test setup: eight fake CPU devices stand in for a TPU slice.
+
+XLA reads the flag when jax initialises its backends, so it must be set before any test imports jax.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
