@@ -13,11 +13,11 @@ uses, so q/k weights are copied without permutation; the parity tests against tr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 from safetensors import safe_open
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from alpacare_jax import sharding as sharding_lib
@@ -145,10 +144,6 @@ class TensorLayout:
     def hf_shape(self) -> tuple[int, ...]:
         return tuple(math.prod(sizes) for sizes in self.split)
 
-    def to_hf(self, ours: np.ndarray) -> np.ndarray:
-        # Contiguous: safetensors writes the raw buffer and would ignore a transposed view's strides.
-        return np.ascontiguousarray(np.transpose(ours, np.argsort(self.perm)).reshape(self.hf_shape))
-
     def read(self, tensor_slice: Any, index: tuple[slice, ...]) -> np.ndarray:
         """Reads the part of one HF tensor that our (per-layer) `index` covers, in our layout."""
         split_sizes = [s for sizes in self.split for s in sizes]
@@ -197,7 +192,7 @@ def tensor_layouts(config: LlamaConfig) -> list[TensorLayout]:
 # ---- reading ----------------------------------------------------------------------------------------------
 
 class _SafetensorsDir:
-    """Name -> file lookup over a single-file or index-sharded safetensors checkpoint, files opened lazily."""
+    """A single-file or index-sharded safetensors checkpoint: which file holds which tensor."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -212,38 +207,36 @@ class _SafetensorsDir:
                 self.weight_map = {name: SINGLE_FILE for name in f.keys()}
         else:
             raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
-        self._open: dict[str, Any] = {}
 
-    def slice(self, name: str) -> Any:
-        try:
-            file = self.weight_map[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint") from None
-        if file not in self._open:
-            if not (self.path / file).exists():
-                raise CheckpointError(f"{self.path / file}: shard listed for tensor {name!r} does not exist")
-            self._open[file] = safe_open(self.path / file, framework="numpy")
-        handle = self._open[file]
-        if name not in handle.keys():
-            raise CheckpointError(f"{self.path / file}: tensor {name!r} is missing (the index lists it there)")
-        return handle.get_slice(name)
+    def files(self) -> dict[str, list[str]]:
+        by_file: dict[str, list[str]] = {}
+        for name, file in self.weight_map.items():
+            by_file.setdefault(file, []).append(name)
+        return by_file
 
     def check(self, layouts: list[TensorLayout], config: LlamaConfig) -> None:
-        """Fails before any reading on a missing, misshapen or unexpected tensor."""
-        expected = set()
-        for layout in layouts:
-            for name in layout.hf_names(config.num_layers):
-                expected.add(name)
-                shape = tuple(self.slice(name).get_shape())
-                if shape != layout.hf_shape:
-                    raise CheckpointError(
-                        f"{self.path / self.weight_map[name]}: tensor {name!r} has shape {list(shape)}, "
-                        f"expected {list(layout.hf_shape)} from config.json"
-                    )
+        """Fails before any data is read on a missing, misshapen or unexpected tensor (headers only)."""
+        expected = {name: layout.hf_shape for layout in layouts for name in layout.hf_names(config.num_layers)}
+        for name in expected:
+            if name not in self.weight_map:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        for file, names in self.files().items():
+            if not (self.path / file).exists():
+                raise CheckpointError(f"{self.path / file}: shard listed for tensor {names[0]!r} does not exist")
+            with safe_open(self.path / file, framework="numpy") as handle:
+                present = set(handle.keys())
+                for name in names:
+                    if name not in present:
+                        raise CheckpointError(f"{self.path / file}: tensor {name!r} is missing (the index lists it there)")
+                    if name in expected and tuple(handle.get_slice(name).get_shape()) != expected[name]:
+                        raise CheckpointError(
+                            f"{self.path / file}: tensor {name!r} has shape {handle.get_slice(name).get_shape()}, "
+                            f"expected {list(expected[name])} from config.json"
+                        )
         # Tied checkpoints sometimes still carry a copy of the head; it is the embedding, so skip it.
         redundant = {"lm_head.weight"} if config.tie_word_embeddings else set()
         unexpected = sorted(
-            n for n in self.weight_map if n not in expected | redundant and not IGNORED_TENSORS.match(n)
+            n for n in self.weight_map if n not in expected and n not in redundant and not IGNORED_TENSORS.match(n)
         )
         if unexpected:
             raise CheckpointError(
@@ -252,19 +245,12 @@ class _SafetensorsDir:
             )
 
 
-def _layer_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    """The sharding of one layer of a stacked parameter (the leading `layers` axis dropped)."""
-    if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
-    return sharding
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_piece(buffer: jax.Array, piece: jax.Array, starts: tuple[jax.Array, ...]) -> jax.Array:
+    return jax.lax.dynamic_update_slice(buffer, piece.astype(buffer.dtype), starts)
 
 
-@jax.jit
-def _set_layer(stacked: jax.Array, layer: jax.Array, i: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, axis=0)
-
-
-_set_layer_donated = jax.jit(_set_layer.__wrapped__, donate_argnums=0)
+_READ_CHUNK_BYTES = 32 * 2**20
 
 
 def load_pretrained(
@@ -279,62 +265,82 @@ def load_pretrained(
     """Loads an HF LLaMA directory as an NNX `Llama` with parameters in `dtype`.
 
     With `mesh`, every parameter is placed on the shards its logical names map to under `rules`; each
-    device shard is read directly from the memory-mapped file. `config_overrides` set non-architectural
-    fields such as `remat_policy` or `attention_impl`.
+    tensor is read from the memory-mapped file in chunks of rows written straight into its device buffer.
+    `config_overrides` set non-architectural fields such as `remat_policy` or `attention_impl`.
     """
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
-    dtype_name = jnp.dtype(dtype).name
     config = config_from_hf(json.loads(config_file.read_text()), str(config_file)).replace(
-        param_dtype=dtype_name, dtype=jnp.dtype(compute_dtype or dtype).name, **config_overrides
+        param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(compute_dtype or dtype).name, **config_overrides
     )
     checkpoint = _SafetensorsDir(path)
     layouts = tensor_layouts(config)
     checkpoint.check(layouts, config)
 
-    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     if mesh is not None:
         shardings = sharding_lib.state_shardings(state, mesh, rules)
     else:
-        device_sharding = SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
+        one_device = SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one_device, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     target_dtype = np.dtype(jnp.dtype(dtype))
-    progress = tqdm(total=sum(len(l.hf_names(config.num_layers)) for l in layouts), desc="load", unit="tensor",
-                    disable=jax.process_index() != 0)
-    for layout in layouts:
-        variable = _lookup(state, layout.ours)
-        target_sharding = _lookup(shardings, layout.ours)
-        if not layout.stacked:
-            value = _read_array(checkpoint.slice(layout.hf_name), layout, variable.shape, target_sharding, target_dtype)
+
+    # Every parameter starts as a device buffer on its final shards and is filled in place (donated),
+    # one HF tensor at a time and within a tensor one chunk of rows at a time: host memory never holds
+    # more than a chunk per device besides the model itself.
+    sources = {name: (layout, i if layout.stacked else None)
+               for layout in layouts for i, name in enumerate(layout.hf_names(config.num_layers))}
+    buffer_shardings = {layout.ours: _lookup(shardings, layout.ours) for layout in layouts}
+    shapes = {ours: _lookup(state, ours).shape for ours in buffer_shardings}
+    values = jax.jit(lambda: {ours: jnp.zeros(shape, target_dtype) for ours, shape in shapes.items()},
+                     out_shardings=buffer_shardings)()
+    replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else _lookup(shardings, layouts[0].ours)
+    chunk_bytes = _READ_CHUNK_BYTES // len(replicated.addressable_devices)
+
+    progress = tqdm(total=len(sources), desc="load", unit="tensor", disable=jax.process_index() != 0)
+    for file, names in checkpoint.files().items():
+        for name in names:
+            if name not in sources:
+                continue  # ignorable (checked above)
+            layout, layer = sources[name]
+            # One open per tensor: closing unmaps the pages just read, so they stop counting as host memory.
+            with safe_open(path / file, framework="numpy") as handle:
+                tensor = handle.get_slice(name)
+                buffer = values[layout.ours]
+                shape = buffer.shape[1:] if layout.stacked else buffer.shape
+                for index, starts in _row_chunks(layout, shape, chunk_bytes // target_dtype.itemsize):
+                    piece = layout.read(tensor, index).astype(target_dtype, copy=False)
+                    piece = jax.make_array_from_callback(piece.shape, replicated, lambda i, p=piece: p[i])
+                    if layout.stacked:
+                        piece, starts = piece[None], (layer, *starts)
+                    buffer = _write_piece(buffer, piece, tuple(jnp.int32(s) for s in starts))
+                values[layout.ours] = buffer
             progress.update()
-        else:
-            layer_sharding = _layer_sharding(target_sharding)
-            value = jax.jit(lambda: jnp.zeros(variable.shape, target_dtype), out_shardings=target_sharding)()
-            for i, name in enumerate(layout.hf_names(config.num_layers)):
-                layer = _read_array(checkpoint.slice(name), layout, variable.shape[1:], layer_sharding, target_dtype)
-                value = _set_layer_donated(value, layer, jnp.int32(i))
-                progress.update()
-        variable.set_value(value)
     progress.close()
+    for ours, value in values.items():
+        _lookup(state, ours).set_value(value)
     return nnx.merge(graphdef, state)
+
+
+def _row_chunks(layout: TensorLayout, shape: tuple[int, ...], max_elements: int):
+    """(our index, start offsets) covering one HF tensor in runs of its leading (row) dimension."""
+    dim = layout.perm.index(0)  # our dimension that HF's leading dimension (or its first part) became
+    row = math.prod(shape) // shape[dim]
+    step = max(1, max_elements // row)
+    for start in range(0, shape[dim], step):
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(start, min(start + step, shape[dim]))
+        starts = [0] * len(shape)
+        starts[dim] = start
+        yield tuple(index), tuple(starts)
 
 
 def _lookup(tree: Any, keys: tuple[str, ...]) -> Any:
     for key in keys:
         tree = tree[key]
     return tree
-
-
-def _read_array(tensor_slice, layout: TensorLayout, shape, sharding, dtype: np.dtype) -> jax.Array:
-    def read_shard(index: tuple[slice, ...]) -> np.ndarray:
-        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-        return np.ascontiguousarray(layout.read(tensor_slice, index).astype(dtype))
-
-    return jax.make_array_from_callback(tuple(shape), sharding, read_shard)
 
 
 # ---- writing ----------------------------------------------------------------------------------------------
@@ -358,16 +364,49 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def _hf_tensors(model: Llama, layouts: list[TensorLayout]) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
-    """(HF name, thunk producing the HF-layout host array), one tensor at a time."""
-    state = nnx.state(model, nnx.Param)
-    for layout in layouts:
-        array = _lookup(state, layout.ours)[...]
-        if layout.stacked:
-            for i, name in enumerate(layout.hf_names(model.config.num_layers)):
-                yield name, (lambda a=array, i=i, l=layout: l.to_hf(_to_host(a[i])))
-        else:
-            yield layout.hf_name, (lambda a=array, l=layout: l.to_hf(_to_host(a)))
+@dataclasses.dataclass(frozen=True)
+class _ExportTensor:
+    name: str
+    layout: TensorLayout
+    layer: int | None
+
+    def host_array(self, state: nnx.State) -> np.ndarray:
+        """The HF-layout host array (possibly a transposed view, to avoid a copy of the whole tensor)."""
+        array = _lookup(state, self.layout.ours)[...]
+        ours = _to_host(array if self.layer is None else array[self.layer])
+        return np.transpose(ours, np.argsort(self.layout.perm)).reshape(self.layout.hf_shape)
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_WRITE_CHUNK_BYTES = 16 * 2**20
+
+
+def _write_safetensors(path: Path, tensors: list[_ExportTensor], state: nnx.State, dtype: np.dtype) -> None:
+    """Streams tensors into one safetensors file, one at a time and in bounded chunks.
+
+    The header is known from shapes alone, so nothing needs to be buffered: unlike
+    `safetensors.numpy.save_file`, which serialises the whole shard in memory first, peak host memory
+    is one device-to-host tensor plus a 16 MiB chunk. The format (8-byte header size, JSON header,
+    raw little-endian data) is what transformers and the safetensors library read.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for tensor in tensors:
+        nbytes = math.prod(tensor.layout.hf_shape) * dtype.itemsize
+        header[tensor.name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(tensor.layout.hf_shape),
+                               "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for tensor in tensors:
+            array = tensor.host_array(state)
+            rows_per_chunk = max(1, _WRITE_CHUNK_BYTES // max(1, array[:1].size * dtype.itemsize))
+            for start in range(0, array.shape[0], rows_per_chunk):
+                f.write(np.ascontiguousarray(array[start:start + rows_per_chunk], dtype=dtype).tobytes())
+            del array
 
 
 def save_pretrained(
@@ -386,21 +425,21 @@ def save_pretrained(
     """
     config = model.config
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-    layouts = tensor_layouts(config)
+    if np_dtype.name not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"export dtype {dtype!r}: choose one of {sorted(_SAFETENSORS_DTYPES)}")
     limit = _parse_size(max_shard_size)
     # Plan shards from shapes alone so file names (which carry the total) are known before writing.
-    shards: list[list[str]] = [[]]
-    shard_bytes = 0
-    sizes = {}
-    for layout in layouts:
+    shards: list[list[_ExportTensor]] = [[]]
+    shard_bytes = total_bytes = 0
+    for layout in tensor_layouts(config):
         nbytes = math.prod(layout.hf_shape) * np_dtype.itemsize
-        for name in layout.hf_names(config.num_layers):
-            sizes[name] = nbytes
+        for i, name in enumerate(layout.hf_names(config.num_layers)):
             if shards[-1] and shard_bytes + nbytes > limit:
                 shards.append([])
                 shard_bytes = 0
-            shards[-1].append(name)
+            shards[-1].append(_ExportTensor(name, layout, i if layout.stacked else None))
             shard_bytes += nbytes
+            total_bytes += nbytes
     if len(shards) == 1:
         file_names = [SINGLE_FILE]
     else:
@@ -410,23 +449,15 @@ def save_pretrained(
     out = Path(path)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-    tensors = _hf_tensors(model, layouts)
-    progress = tqdm(total=len(sizes), desc="export", unit="tensor", disable=not writer)
-    weight_map = {}
-    for file_name, names in zip(file_names, shards):
-        shard: dict[str, np.ndarray] = {}
-        for expected_name in names:
-            name, produce = next(tensors)
-            assert name == expected_name, (name, expected_name)
-            shard[name] = np.ascontiguousarray(produce(), dtype=np_dtype)
-            weight_map[name] = file_name
-            progress.update()
+    state = nnx.state(model, nnx.Param)
+    for file_name, tensors in tqdm(list(zip(file_names, shards)), desc="export", unit="shard", disable=not writer):
         if writer:
             tmp = out / f".{file_name}.tmp"
-            save_file(shard, tmp, metadata={"format": "pt"})
+            _write_safetensors(tmp, tensors, state, np_dtype)
             os.replace(tmp, out / file_name)
-        del shard
-    progress.close()
+        else:  # the other processes still take part in every gather
+            for tensor in tensors:
+                tensor.host_array(state)
     if not writer:
         return
     # Remove files of an earlier export with another shard count, so loaders cannot mix them up.
@@ -435,12 +466,14 @@ def save_pretrained(
             stale.unlink()
     index = out / INDEX_FILE
     if len(file_names) > 1:
-        _write_json(index, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+        weight_map = {t.name: f for f, tensors in zip(file_names, shards) for t in tensors}
+        _write_json(index, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
     elif index.exists():
         index.unlink()
-    _write_json(out / "config.json", config_to_hf(config, dtype))
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config_to_hf(config, dtype)["eos_token_id"]}
-    _write_json(out / "generation_config.json", generation)
+    hf_config = config_to_hf(config, dtype)
+    _write_json(out / "config.json", hf_config)
+    _write_json(out / "generation_config.json",
+                {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]})
     if tokenizer is not None:
         tokenizer.save(out)
 
