@@ -1,0 +1,208 @@
+"""Command line: ``python -m data_gen {instructions,dedup,responses,judge} ...``.
+
+The endpoint comes from ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` (or ``--base-url`` /
+``--api-key``), so any OpenAI-compatible server works. Every API command resumes: rerun
+the same command after a crash or Ctrl-C and it continues where it stopped.
+Exit status: 0 done, 1 unfinished (budget reached, failed requests, fatal API error),
+2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import dedup as dedup_mod
+from . import instructions as instr_mod
+from . import judge as judge_mod
+from . import responses as resp_mod
+from .client import ClientConfig
+from .errors import DataError, FatalAPIError
+from .runner import RunSettings, RunSummary
+from .store import write_json_atomic
+
+log = logging.getLogger("data_gen")
+
+
+def _api_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("endpoint and client")
+    g.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI)")
+    g.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY; prefer the variable: flags show in ps)")
+    g.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    g.add_argument("--rpm", type=float, help="client-side limit, requests per minute")
+    g.add_argument("--tpm", type=float, help="client-side limit, tokens per minute")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt")
+    g.add_argument("--max-attempts", type=int, default=6, help="attempts per request (429/5xx/timeouts)")
+    g.add_argument("--backoff-base", type=float, default=1.0, help="first backoff in seconds (doubles)")
+    g.add_argument("--max-retry-wait", type=float, default=600.0, help="total seconds one request may wait in retries")
+    g.add_argument("--max-cost", type=float, help="USD budget for this run: stop cleanly before exceeding it")
+    g.add_argument("--price-in", type=float, help="USD per 1M prompt tokens (overrides the built-in list)")
+    g.add_argument("--price-out", type=float, help="USD per 1M completion tokens")
+    g.add_argument("--batch-api", action="store_true", help="use the OpenAI Batch API (half price, resumable)")
+    g.add_argument("--batch-poll-seconds", type=float, default=30.0)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _settings(a: argparse.Namespace) -> RunSettings:
+    client = ClientConfig(base_url=a.base_url, api_key=a.api_key, concurrency=a.concurrency, rpm=a.rpm, tpm=a.tpm,
+                          timeout=a.timeout, max_attempts=a.max_attempts, backoff_base=a.backoff_base,
+                          max_total_wait=a.max_retry_wait)
+    return RunSettings(client=client, max_cost=a.max_cost, price_in=a.price_in, price_out=a.price_out,
+                       batch_api=a.batch_api, batch_poll_seconds=a.batch_poll_seconds, progress=not a.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m data_gen", description=__doc__.split("\n\n")[0])
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("instructions", help="generate new tasks from seed tasks")
+    p.add_argument("--seeds", required=True, type=Path, help="seed tasks (med_seed.json format)")
+    p.add_argument("--out", required=True, type=Path, help="append-only JSONL, one record per request")
+    p.add_argument("--num-requests", type=int, required=True)
+    d = instr_mod.GenerationConfig()
+    p.add_argument("--tasks-per-request", type=int, default=d.tasks_per_request)
+    p.add_argument("--seeds-per-request", type=int, default=d.seeds_per_request)
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
+    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling of seed tasks per request")
+    _api_options(p)
+
+    p = sub.add_parser("dedup", help="drop near-duplicate instructions (ROUGE-L)")
+    p.add_argument("--in", dest="inputs", required=True, type=Path, nargs="+",
+                   help="generation stores (JSONL) or task lists (JSON/JSONL), read in this order")
+    p.add_argument("--seeds", type=Path, help="seed tasks: candidates too similar to a seed are dropped")
+    p.add_argument("--out", required=True, type=Path, help="kept tasks, JSON list")
+    p.add_argument("--dropped", type=Path, help="JSONL of dropped tasks with the instruction each duplicated")
+    p.add_argument("--threshold", type=float, default=0.7)
+    p.add_argument("--rule", choices=["keep-first", "all-vs-all"], default="keep-first",
+                   help="all-vs-all reproduces AlpaCare's rule (both members of a pair dropped), for comparison")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("responses", help="answer each instruction (MedInstruct-52k format)")
+    p.add_argument("--in", dest="inputs", required=True, type=Path, help="tasks (JSON list or JSONL)")
+    p.add_argument("--out", required=True, type=Path, help="append-only JSONL store, one record per instruction")
+    p.add_argument("--export", type=Path, help="write the MedInstruct-52k-format JSON here when done")
+    r = resp_mod.ResponseConfig()
+    p.add_argument("--model", default=r.model)
+    p.add_argument("--temperature", type=float, default=r.temperature)
+    p.add_argument("--top-p", type=float, default=r.top_p)
+    p.add_argument("--max-tokens", type=int, default=r.max_tokens)
+    p.add_argument("--max-tokens-cap", type=int, default=r.max_tokens_cap,
+                   help="truncated answers are retried with doubled max_tokens up to this")
+    _api_options(p)
+
+    p = sub.add_parser("judge", help="pairwise LLM judge: model outputs vs reference outputs")
+    p.add_argument("--outputs", required=True, type=Path, nargs="+", help="model outputs [{id,instruction,input,output,generator}]")
+    p.add_argument("--reference", required=True, type=Path, nargs="+", help="reference outputs (AlpaCare files as they are)")
+    p.add_argument("--output-field", help="field holding the model's output (default: output/response/...)")
+    p.add_argument("--reference-field", help="field holding the reference output, e.g. gpt-4-answer")
+    p.add_argument("--model-name", help="default: the outputs' 'generator' field, else the file name")
+    p.add_argument("--reference-name", help="default: the reference file's folder name (e.g. gpt-4)")
+    p.add_argument("--test-set", help="default: from the file name (iCliniq / MedInstruct-test)")
+    j = judge_mod.JudgeConfig()
+    p.add_argument("--judge-model", default=j.model)
+    p.add_argument("--judge-max-tokens", type=int, default=j.max_tokens)
+    p.add_argument("--annotations", required=True, type=Path, help="annotation cache (JSONL), shared across runs")
+    p.add_argument("--summary-dir", type=Path, help="where summaries go (default: next to --annotations)")
+    _api_options(p)
+    return ap
+
+
+def _report(summary: RunSummary) -> int:
+    print(summary.line(), file=sys.stderr)
+    return 0 if summary.finished else 1
+
+
+def cmd_instructions(a: argparse.Namespace) -> int:
+    cfg = instr_mod.GenerationConfig(model=a.model, temperature=a.temperature, top_p=a.top_p,
+                                     presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+                                     max_tokens=a.max_tokens, tasks_per_request=a.tasks_per_request,
+                                     seeds_per_request=a.seeds_per_request, seed=a.seed)
+    summary, totals = instr_mod.generate(a.seeds, a.out, a.num_requests, cfg, _settings(a))
+    print(json.dumps(totals), file=sys.stderr)
+    return _report(summary)
+
+
+def cmd_dedup(a: argparse.Namespace) -> int:
+    tasks = [t for path in a.inputs for t in instr_mod.flatten_tasks(path)]
+    for i, t in enumerate(tasks):
+        if not isinstance(t.get("instruction"), str):
+            raise DataError(a.inputs[0] if len(a.inputs) == 1 else "inputs", i, "instruction", "missing or not a string")
+    seeds = instr_mod.load_seed_tasks(a.seeds) if a.seeds else []
+    seed_texts = [str(s["instruction"]) for s in seeds]
+    res = dedup_mod.deduplicate([t["instruction"] for t in tasks], seed_texts, a.threshold, a.rule,
+                                progress=not a.no_progress)
+    write_json_atomic(a.out, [tasks[i] for i in res.kept])
+    if a.dropped:
+        a.dropped.parent.mkdir(parents=True, exist_ok=True)
+        with a.dropped.open("w", encoding="utf-8") as f:
+            for d in res.dropped:
+                other = seed_texts[d["duplicate_of"]] if d["duplicate_of_seed"] else tasks[d["duplicate_of"]]["instruction"]
+                f.write(json.dumps({**d, "instruction": tasks[d["index"]]["instruction"],
+                                    "duplicate_of_instruction": other}, ensure_ascii=False) + "\n")
+    print(json.dumps(res.stats), file=sys.stderr)
+    return 0
+
+
+def cmd_responses(a: argparse.Namespace) -> int:
+    cfg = resp_mod.ResponseConfig(model=a.model, temperature=a.temperature, top_p=a.top_p, max_tokens=a.max_tokens,
+                                  max_tokens_cap=a.max_tokens_cap)
+    summary, counts = resp_mod.generate(a.inputs, a.out, cfg, _settings(a), export=a.export)
+    if counts:
+        print(json.dumps(counts), file=sys.stderr)
+    return _report(summary)
+
+
+def cmd_judge(a: argparse.Namespace) -> int:
+    comps = []
+    for out in a.outputs:
+        for ref in a.reference:
+            if len(a.outputs) > 1 and len(a.reference) > 1 and (
+                    judge_mod.infer_test_set(out) != judge_mod.infer_test_set(ref)):
+                continue  # pair each outputs file only with references of the same test set
+            comps.append(judge_mod.build_comparison(
+                out, ref, output_field=a.output_field, reference_field=a.reference_field, model_name=a.model_name,
+                reference_name=a.reference_name, test_set=a.test_set))
+    cfg = judge_mod.JudgeConfig(model=a.judge_model, max_tokens=a.judge_max_tokens)
+    summary, results = judge_mod.run_judge(comps, cfg, _settings(a), a.annotations,
+                                           a.summary_dir or a.annotations.parent)
+    for s in results:
+        print(f"{s['model']} vs {s['reference_model']} on {s['test_set']}: win rate {s['win_rate']:.1f} "
+              f"+- {s['stderr']:.1f} ({s['n_examples']} examples, {s['n_unparseable']} unparseable, "
+              f"{s['n_missing']} missing) -> {s['summary_file']}")
+    return _report(summary)
+
+
+COMMANDS = {"instructions": cmd_instructions, "dedup": cmd_dedup, "responses": cmd_responses, "judge": cmd_judge}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("openai", "httpx", "httpx2", "httpcore"):  # their debug logs show request details
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return COMMANDS[args.command](args)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FatalAPIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: everything finished so far is saved; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
