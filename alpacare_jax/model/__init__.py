@@ -1,6 +1,7 @@
-"""LLaMA model: configuration presets, Flax NNX modules, attention backends."""
+"""LLaMA model: configuration presets, Flax NNX modules, attention backends, KV-cache decoding."""
 
 from alpacare_jax.model.config import PRESETS, LlamaConfig, RopeScaling
+from alpacare_jax.model.decode import SamplingConfig, generate
 from alpacare_jax.model.llama import KVCache, Llama
 
-__all__ = ["PRESETS", "KVCache", "Llama", "LlamaConfig", "RopeScaling"]
+__all__ = ["PRESETS", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "SamplingConfig", "generate"]
