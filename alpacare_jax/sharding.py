@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from flax import nnx
 import flax.linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -133,3 +134,52 @@ def activate(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[None]:
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `activate` (single device, tests)."""
     return nn.with_logical_constraint(x, tuple(names))
+
+
+# ---- training state and batches ------------------------------------------------------------------------
+
+def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> LogicalRules:
+    """A rule table from a config's list of `(logical_name, mesh_axes)` pairs (None: DEFAULT_RULES).
+
+    Config files and command-line overrides give lists; flax wants tuples, and a typo in a mesh axis
+    should fail here, not as an obscure partitioning error inside jit.
+    """
+    if not rules:
+        return DEFAULT_RULES
+    table = []
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"sharding rule {rule!r} is not a (logical_name, mesh_axes) pair")
+        name, axes = rule
+        axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+        for axis in (axes if isinstance(axes, tuple) else (axes,)):
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(f"sharding rule for {name!r} names mesh axis {axis!r}; mesh axes are {MESH_AXES}")
+        table.append((str(name), axes))
+    return tuple(table)
+
+
+def param_shardings(abstract_model_state: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> dict:
+    """NamedShardings of a model's parameters as a plain nested dict (the train state's `params` layout)."""
+    return nnx.to_pure_dict(state_shardings(abstract_model_state, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def optimizer_state_shardings(tx: Any, abstract_opt_state: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Optimizer-state shardings: moments shard like the parameters they track, scalars are replicated.
+
+    `optax.tree_map_params` knows which parts of any optax state mirror the parameter tree, so this works
+    for every optimizer chain without naming its state classes.
+    """
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract_opt_state, params_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+
+
+def batch_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
+    """Sharding of a [batch, length] input array: rows over the data-parallel axes per the `batch` rule."""
+    return logical_sharding(mesh, ("batch", "length"), rules)

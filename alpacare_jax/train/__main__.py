@@ -1,0 +1,56 @@
+"""Train: `python -m alpacare_jax.train --config=configs/X.py --workdir=DIR [--config.a.b=v ...]`.
+
+Multi-host: on a TPU pod slice, run the same command on every host (jax finds its peers itself, or pass
+--multihost). Elsewhere give the coordinator explicitly, e.g. two processes on one machine:
+
+    python -m alpacare_jax.train ... --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=0
+    python -m alpacare_jax.train ... --coordinator_address=127.0.0.1:12345 --num_processes=2 --process_id=1
+"""
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, tokenizer, config")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (with --coordinator_address)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+_MULTIHOST = flags.DEFINE_bool("multihost", None,
+                               "call jax.distributed.initialize() with auto-detection (TPU pods, SLURM); "
+                               "default: auto-detected on multi-host TPU slices")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _init_distributed() -> None:
+    import jax
+
+    if _COORDINATOR.value:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+        return
+    multihost = _MULTIHOST.value
+    if multihost is None:  # a TPU VM in a multi-host slice lists all its peers here
+        multihost = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if multihost:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    for noisy in ("absl", "jax", "orbax", "grain", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _init_distributed()
+    from alpacare_jax.train.loop import train
+
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,104 @@
+"""Training configuration: the AlpaCare recipe as defaults, and turning a config into a `LlamaConfig`.
+
+Config files under `configs/` start from `base_config()` and change what they must (big_vision style:
+small Python files returning ConfigDicts; any field can be overridden with `--config.a.b=value`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import ml_collections
+
+from alpacare_jax.data.pipeline import default_data_config
+from alpacare_jax.model import LlamaConfig
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The AlpaCare recipe (see configs/base.py); every field is documented inline."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # ---- model ----
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "llama1_7b"
+    c.model.param_dtype = "float32"  # fp32 master weights ...
+    c.model.dtype = "bfloat16"  # ... and bf16 matmuls
+    c.model.remat_policy = "nothing_saveable"
+    c.init_from_hf = ""  # HF LLaMA directory to start from (weights, architecture and tokenizer)
+    c.tokenizer = ""  # tokenizer.model / tokenizer.json or a directory; "" = the one in init_from_hf
+
+    # ---- data (alpacare_jax.data.pipeline) ----
+    c.data = default_data_config()
+    c.data.max_length = 512
+    c.data.global_batch_size = 128
+    # For the CPU demo: when set, a missing tokenizer is trained on this MedInstruct-format JSON ("sample"
+    # = the bundled sample) and a missing TFDS dataset is built from it.
+    c.bootstrap = ml_collections.ConfigDict()
+    c.bootstrap.source = ""
+    c.bootstrap.tokenizer_vocab_size = 1024
+    c.bootstrap.validation_fraction = 0.15
+
+    # ---- optimisation ----
+    c.num_epochs = 3  # used when num_train_steps is 0
+    c.num_train_steps = 0  # 0 = num_epochs x steps per epoch
+    c.grad_accum_steps = 1  # microbatches per step; the global batch is split, the loss stays a per-token mean
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 2e-5
+    c.optimizer.warmup_ratio = 0.03
+    c.optimizer.schedule = "cosine"  # cosine | linear | constant (after warmup)
+    c.optimizer.final_lr_fraction = 0.0  # cosine/linear end at learning_rate * this
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.0
+    # Regular expressions over '/'-joined parameter paths that never get weight decay (norms, embeddings).
+    c.optimizer.no_decay = ("scale$", "embed_tokens")
+    c.optimizer.max_grad_norm = 1.0
+
+    # ---- parallelism (alpacare_jax.sharding) ----
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
+    c.sharding_rules = ()  # () = alpacare_jax.sharding.DEFAULT_RULES; else [(logical_name, mesh_axes), ...]
+
+    # ---- bookkeeping ----
+    c.log_every = 10
+    c.eval_every = 200  # 0 = only at the end
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+
+    # ---- after training (process 0) ----
+    c.export_hf = False  # write WORKDIR/hf (safetensors + tokenizer) at the end
+    c.sample_prompt = ""  # print one greedy answer to this instruction at the end
+    c.sample_max_new_tokens = 64
+    return c
+
+
+_NOT_MODEL_FIELDS = ("preset",)
+_NON_ARCHITECTURAL = ("param_dtype", "dtype", "remat_policy", "attention_impl")
+
+
+def llama_config(config: ml_collections.ConfigDict) -> LlamaConfig:
+    """The model a training config describes: a preset (or an HF `config.json`) plus field overrides."""
+    fields = {k: v for k, v in config.model.items() if k not in _NOT_MODEL_FIELDS}
+    known = {f.name for f in dataclasses.fields(LlamaConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"config.model has unknown fields {unknown}; LlamaConfig fields are {sorted(known)}")
+    if config.init_from_hf:
+        from alpacare_jax.hf import config_from_hf
+
+        hf_file = Path(config.init_from_hf) / "config.json"
+        if not hf_file.exists():
+            raise FileNotFoundError(f"config.init_from_hf={config.init_from_hf!r}: no config.json there")
+        base = config_from_hf(json.loads(hf_file.read_text()), str(hf_file))
+        architectural = sorted(k for k, v in fields.items() if k not in _NON_ARCHITECTURAL and v != getattr(base, k))
+        if architectural:
+            raise ValueError(f"with init_from_hf the architecture comes from {hf_file}; "
+                             f"config.model may not change {architectural}")
+        return base.replace(**{k: v for k, v in fields.items() if k in _NON_ARCHITECTURAL})
+    if config.model.preset == "tiny":
+        return LlamaConfig.tiny(**fields)
+    return LlamaConfig.preset(config.model.preset, **fields)

@@ -1,0 +1,139 @@
+"""Training metrics: throughput and MFU accounting, and writing them to metrics.jsonl, TensorBoard and the console.
+
+MFU = model FLOPs per second (`LlamaConfig.flops_per_token`, forward + backward, attention included)
+divided by the dense bf16 peak of all devices in use. The peak comes from the table below, keyed by
+`device.device_kind`; devices not in it (CPUs) get no MFU, only the achieved FLOP/s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import jax
+from etils import epath
+
+# Dense bf16 FLOP/s per chip, from the vendors' spec sheets.
+PEAK_FLOPS_PER_CHIP = {
+    "tpu v4": 275e12,
+    "tpu v5 lite": 197e12,  # v5e
+    "tpu v5e": 197e12,
+    "tpu v5p": 459e12,
+    "tpu v5": 459e12,  # v5p reports itself as "TPU v5"
+    "tpu v6 lite": 918e12,  # v6e (Trillium)
+    "tpu v6e": 918e12,
+    "h100": 989e12,
+    "h200": 989e12,
+    "a100": 312e12,
+}
+
+
+def peak_flops_per_device(device: jax.Device | None = None) -> float | None:
+    """The table's peak for `device` (default: the first device), or None when unknown (e.g. CPU)."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    # Longest key first, so "tpu v5 lite" wins over "tpu v5".
+    for key in sorted(PEAK_FLOPS_PER_CHIP, key=len, reverse=True):
+        if key in kind:
+            return PEAK_FLOPS_PER_CHIP[key]
+    return None
+
+
+class Throughput:
+    """Tokens/s, FLOP/s and MFU over the steps since the last report (wall time between reports)."""
+
+    def __init__(self, flops_per_token: float, tokens_per_step: int, num_devices: int):
+        self.flops_per_token = flops_per_token
+        self.tokens_per_step = tokens_per_step
+        peak = peak_flops_per_device()
+        self.peak_total = peak * num_devices if peak else None
+        self.reset()
+
+    def reset(self) -> None:
+        self._start = time.perf_counter()
+        self._steps = 0
+
+    def step(self) -> None:
+        self._steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` of non-training work (evaluation) out of the current interval."""
+        self._start += seconds
+
+    def report(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self._start
+        if self._steps == 0 or elapsed <= 0:
+            return {}
+        tokens_per_second = self._steps * self.tokens_per_step / elapsed
+        out = {
+            "tokens_per_second": tokens_per_second,
+            "step_time_s": elapsed / self._steps,
+            "flops_per_second": tokens_per_second * self.flops_per_token,
+        }
+        if self.peak_total:
+            out["mfu"] = out["flops_per_second"] / self.peak_total
+        self.reset()
+        return out
+
+
+class MetricsWriter:
+    """One JSON object per logged step in WORKDIR/metrics.jsonl, the same scalars to TensorBoard.
+
+    Only process 0 writes. On resume, lines for steps after the restored checkpoint (logged by the
+    interrupted run, then redone) are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, workdir: str | epath.Path, *, enabled: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        # Rewritten whole, not appended: appending is not available on every filesystem (GCS).
+        self._lines = kept
+        self._flush()
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
+        except ImportError:  # tensorboardX is a dependency, but TensorBoard output is a nicety
+            self._tb = None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._lines.append(json.dumps(record))
+        if self.path.parent.as_posix().startswith("gs://"):
+            self._flush()
+        else:
+            with self.path.open("a") as f:
+                f.write(self._lines[-1] + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+
+    def _flush(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("".join(line + "\n" for line in self._lines))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(value: Any) -> Any:
+    """jax/numpy scalars -> Python numbers, for JSON."""
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def read_metrics(workdir: str | epath.Path) -> list[dict[str, Any]]:
+    path = epath.Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
