@@ -85,8 +85,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConf
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,
-        eos_token_id=hf.get("eos_token_id", 2) if hf.get("eos_token_id") is not None else 2,
+        bos_token_id=1 if hf.get("bos_token_id") is None else hf["bos_token_id"],
+        eos_token_id=2 if hf.get("eos_token_id") is None else hf["eos_token_id"],
     )
 
 
