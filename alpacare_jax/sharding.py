@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -134,6 +134,24 @@ def activate(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[None]:
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `activate` (single device, tests)."""
     return nn.with_logical_constraint(x, tuple(names))
+
+
+def shard_map_logical(fn: Callable[..., Any], in_names: Sequence[Any], out_names: Any) -> Callable[..., Any]:
+    """`fn` run per shard (jax.shard_map) over the active mesh, its specs given by logical names.
+
+    For per-device kernels (Pallas) that cannot be partitioned by the compiler: model code names the
+    logical axes of each argument and output (a tuple per array; None keeps a dimension whole) and this
+    maps them to mesh axes with the active rules. Outside `activate`, or on a one-device mesh, `fn` is
+    simply called on the whole arrays.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn
+    spec = lambda names: nn.logical_to_mesh_axes(tuple(names))
+    is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
+    in_specs = tuple(spec(n) for n in in_names)
+    out_specs = jax.tree.map(spec, out_names, is_leaf=is_names)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 # ---- training state and batches ------------------------------------------------------------------------

@@ -1,57 +1,205 @@
 """Attention backends behind one function.
 
-`xla` is the reference: plain einsums with an explicit mask that handles causality, packed segments
-and KV-cache validity at once, so it runs everywhere and defines the numerics the others must match.
-`cudnn` hands the same computation to `jax.nn.dot_product_attention` (flash attention on NVIDIA GPUs).
+`xla` is the reference: plain einsums with an explicit dense mask that handles causality, packed
+segments and KV-cache validity at once, so it runs everywhere and defines the numerics the others must
+match. `cudnn` hands the same computation to `jax.nn.dot_product_attention` (flash attention on NVIDIA
+GPUs). `splash` is Pallas splash attention for TPU: it never materialises the [L, S] mask but takes
+causality as a static block-sparse mask plus the segment ids, so it needs the mask's parts rather than
+the dense mask. That is why backends receive an `AttentionMask` (the parts) and the dense form is
+computed only by the backends that want it.
 Grouped-query attention is computed by grouping query heads per KV head, never by repeating K/V.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from flax import struct
 
-from alpacare_jax.sharding import constrain
+from alpacare_jax.sharding import constrain, shard_map_logical
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def attention_mask(
-    q_index: jax.Array, kv_index: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array
-) -> jax.Array:
-    """[batch, 1, 1, q_len, kv_len] boolean: causal by buffer index, and only within one segment.
+@struct.dataclass
+class AttentionMask:
+    """Which keys each query may see, as the parts every backend can use.
 
     Indices are positions in the token buffer (not rotary positions, which restart per packed example);
     segment id 0 marks padding or unwritten cache slots, which real tokens never attend to.
+    `self_attention` (static) says the queries and keys are the same L tokens at buffer slots 0..L-1
+    (training and cache-less prefill), so causality is the plain lower triangle that splash attention
+    expresses without any index arrays.
     """
-    causal = kv_index[:, None, :] <= q_index[:, :, None]
-    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return (causal & same_segment)[:, None, None, :, :]
+
+    q_index: jax.Array  # [batch, q_len] int32
+    kv_index: jax.Array  # [batch, kv_len] int32
+    q_segment_ids: jax.Array  # [batch, q_len] int32
+    kv_segment_ids: jax.Array  # [batch, kv_len] int32
+    self_attention: bool = struct.field(pytree_node=False, default=False)
+
+    @classmethod
+    def causal(cls, segment_ids: jax.Array) -> "AttentionMask":
+        """Causal self-attention within segments over one [batch, length] buffer (no cache)."""
+        batch, length = segment_ids.shape
+        index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        return cls(index, index, segment_ids, segment_ids, self_attention=True)
+
+    def dense(self) -> jax.Array:
+        """[batch, 1, 1, q_len, kv_len] boolean: causal by buffer index, and only within one segment."""
+        causal = self.kv_index[:, None, :] <= self.q_index[:, :, None]
+        same_segment = self.q_segment_ids[:, :, None] == self.kv_segment_ids[:, None, :]
+        return (causal & same_segment)[:, None, None, :, :]
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def _grouped_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled, masked float32 scores [B, K, G, L, S] for grouped queries q [B, L, K, G, D]."""
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+    return jnp.where(mask, scores * (q.shape[-1] ** -0.5), _MASKED)
+
+
+@jax.custom_vjp
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(D), masked) v for grouped queries q [B, L, K, G, D] and k, v [B, S, K, D].
+
+    The gradient is written by hand (the flash-attention backward, without tiling): the forward pass
+    keeps only its output and the per-row log-sum-exp, and the backward pass recomputes the
+    probabilities from them. Autodiff would instead keep every layer's [L, S] probabilities alive from
+    the forward to the backward pass and reduce over S to differentiate the softmax; here that
+    reduction is over D (rowsum(dO * O) equals rowsum(dP * P)).
+    """
+    return _softmax_attention_fwd(q, k, v, mask)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask):
+    scores = _grouped_scores(q, k, mask)
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(scores - row_max)
+    row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgls,bskd->blkgd", (unnormalised / row_sum).astype(v.dtype), v)
+    log_sum_exp = row_max + jnp.log(row_sum)
+    return out, (q, k, v, mask, out, log_sum_exp)
+
+
+def _softmax_attention_bwd(saved, out_grad):
+    q, k, v, mask, out, log_sum_exp = saved
+    probs = jnp.exp(_grouped_scores(q, k, mask) - log_sum_exp)
+    v_grad = jnp.einsum("bkgls,blkgd->bskd", probs.astype(v.dtype), out_grad)
+    probs_grad = jnp.einsum("blkgd,bskd->bkgls", out_grad, v, preferred_element_type=jnp.float32)
+    row_dot = jnp.einsum("blkgd,blkgd->bkgl", out_grad, out, preferred_element_type=jnp.float32)
+    scores_grad = (probs * (probs_grad - row_dot[..., None]) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+    q_grad = jnp.einsum("bkgls,bskd->blkgd", scores_grad, k)
+    k_grad = jnp.einsum("bkgls,blkgd->bskd", scores_grad, q)
+    return q_grad, k_grad, v_grad, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+# Causal self-attention is computed in query blocks of this many tokens, each against only the keys
+# up to its end: the upper triangle of the score matrix is mostly skipped (with 4 blocks, 10 of 16
+# tiles are computed) and each block's scores are small enough to stay in cache.
+CAUSAL_BLOCK = 128
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
     """q [B, L, H, D]; k, v [B, S, K, D] with H = K * G; returns [B, L, H, D]."""
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
-    groups = num_heads // num_kv_heads
-    q = q.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim ** -0.5)
-    scores = jnp.where(mask, scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    dense = mask.dense()
+    if mask.self_attention and q_len > CAUSAL_BLOCK and q_len % CAUSAL_BLOCK == 0:
+        blocks = []
+        for start in range(0, q_len, CAUSAL_BLOCK):
+            end = start + CAUSAL_BLOCK  # keys after `end` are in every query's future
+            blocks.append(_softmax_attention(q[:, start:end], k[:, :end], v[:, :end], dense[..., start:end, :end]))
+        out = jnp.concatenate(blocks, axis=1)
+    else:
+        out = _softmax_attention(q, k, v, dense)
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, 0], implementation="cudnn")
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, 0], implementation="cudnn")
 
 
-BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention}
+# ---- splash (TPU) ----------------------------------------------------------------------------------------
+
+_SPLASH_LANES = 128  # the kernel's tiles are multiples of the TPU lane width
+
+
+def _splash_block(length: int, preferred: int) -> int:
+    """The largest tile (a multiple of 128, at most `preferred`) that divides `length`."""
+    block = max(preferred - preferred % _SPLASH_LANES, _SPLASH_LANES)
+    while length % block:
+        block -= _SPLASH_LANES
+    return block
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, length: int, block_size: int, interpret: bool):
+    """One kernel per shape: the causal mask is static, so its block-sparsity map is built once."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    block = _splash_block(length, block_size)
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block,
+    )
+    mask = masks.MultiHeadMask([masks.CausalMask((length, length)) for _ in range(num_heads)])
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q, k, v, segment_ids, *, groups: int, block_size: int, interpret: bool):
+    """Splash on one device's shard: q [b, L, H, D], k/v [b, L, K, D], segment_ids [b, L]."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    _, length, num_heads, head_dim = q.shape
+    if num_heads != k.shape[2] * groups:
+        raise ValueError(f"splash attention: this shard holds {num_heads} query heads but {k.shape[2]} KV "
+                         f"heads; the sharding rules must split `heads` and `kv_heads` alike (groups of "
+                         f"{groups} query heads per KV head)")
+    kernel = _splash_kernel(num_heads, length, block_size, interpret)
+    # The kernel takes heads first and does not scale the scores; it handles H = K * G natively
+    # (query head h reads KV head h // G), so K/V are never repeated.
+    q = jnp.swapaxes(q * jnp.asarray(head_dim ** -0.5, q.dtype), 1, 2)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    per_row = lambda q, k, v, seg: kernel(q, k, v, segment_ids=SegmentIds(q=seg, kv=seg))
+    return jnp.swapaxes(jax.vmap(per_row)(q, k, v, segment_ids), 1, 2)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *,
+                     block_size: int = 512, interpret: bool = False) -> jax.Array:
+    """Pallas splash attention (TPU; `interpret=True` runs the kernel's semantics anywhere, for tests).
+
+    `block_size` is the largest query/key tile (512, as MaxText: smaller tiles skip more of the masked
+    upper triangle but pay more per-tile overhead); lengths it does not divide get the largest power of
+    two that does.
+
+    Only for causal self-attention over a multiple of 128 tokens (training, cache-less prefill). With a
+    KV cache the queries are a window into a longer buffer, which the static causal mask cannot
+    express; those calls (decoding steps, where attention is a tiny matrix-vector product anyway) and
+    odd lengths (the end-of-training sample) use the XLA reference instead.
+    Under an active mesh the kernel runs per shard: batch and heads stay split as the logical rules say,
+    the sequence and head_dim are gathered whole (the kernel needs full rows).
+    """
+    if not mask.self_attention or q.shape[1] % _SPLASH_LANES:
+        return xla_attention(q, k, v, mask)
+    local = functools.partial(_splash_local, groups=q.shape[2] // k.shape[2], block_size=block_size,
+                              interpret=interpret)
+    heads, kv_heads, rows = ("batch", None, "heads", None), ("batch", None, "kv_heads", None), ("batch", None)
+    return shard_map_logical(local, (heads, kv_heads, kv_heads, rows), heads)(q, k, v, mask.q_segment_ids)
+
+
+BACKENDS = {"xla": xla_attention, "cudnn": cudnn_attention, "splash": splash_attention}
 
 
 def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str = "xla"
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, impl: str = "xla"
 ) -> jax.Array:
     try:
         backend = BACKENDS[impl]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-AttentionImpl = Literal["xla", "cudnn"]  # TPU splash attention comes with the TPU work
+AttentionImpl = Literal["xla", "cudnn", "splash"]  # reference, cuDNN flash (GPU), Pallas splash (TPU)
 # Names of jax.checkpoint_policies (or "none" for no rematerialisation, "full" for saving nothing).
 RematPolicy = Literal[
     "none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable"

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from alpacare_jax.model.attention import attention_mask, dot_product_attention
+from alpacare_jax.model.attention import AttentionMask, dot_product_attention
 from alpacare_jax.model.config import LlamaConfig
 from alpacare_jax.model.rope import apply_rotary, inverse_frequencies
 from alpacare_jax.sharding import constrain
@@ -154,28 +154,50 @@ class Llama(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache: KVCache | None = None,
     ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits for `input_ids` [batch, length].
+        """Float32 logits for `input_ids` [batch, length] (and the updated cache when given one).
 
         `positions` (rotary positions, restarting per packed example) default to 0..length-1 (after the
         cache's filled slots when decoding). `segment_ids` number packed examples 1, 2, ... and mark
         padding with 0; attention stays inside a segment. With `cache`, the new keys/values are written
         at `cache.index` and `(logits, updated_cache)` is returned.
         """
+        hidden, new_cache = self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids, cache=cache)
+        head = self.head_weight().astype(self.config.dtype)
+        logits = jnp.einsum("ble,ev->blv", hidden, head, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        return logits if cache is None else (logits, new_cache)
+
+    def head_weight(self) -> jax.Array:
+        """The [embed, vocab] output projection (the transposed embedding when tied)."""
+        return self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The final-normed hidden states [batch, length, embed] that the output head projects.
+
+        Separate from `__call__` so the training loss can apply the head chunk by chunk without ever
+        holding the full [batch, length, vocab] logits (see `alpacare_jax.train.loss`).
+        """
         config = self.config
         batch, length = input_ids.shape
         if segment_ids is None:
             segment_ids = jnp.ones((batch, length), jnp.int32)
-        q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         if cache is None:
-            kv_index, kv_segment_ids, cache_index = q_index, segment_ids, None
+            mask, cache_index = AttentionMask.causal(segment_ids), None
         else:
             cache_index = cache.index
-            q_index = q_index + cache_index
+            q_index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length)) + cache_index
             kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))
             kv_index = jnp.broadcast_to(jnp.arange(kv_segment_ids.shape[1], dtype=jnp.int32), kv_segment_ids.shape)
+            mask = AttentionMask(q_index, kv_index, segment_ids, kv_segment_ids)
         if positions is None:
-            positions = q_index
-        mask = attention_mask(q_index, kv_index, segment_ids, kv_segment_ids)
+            positions = mask.q_index
 
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(config.dtype)
         x = constrain(x, ("batch", "length", "embed"))
@@ -193,12 +215,9 @@ class Llama(nnx.Module):
         x, new_cache_kv = jax.lax.scan(layer_body, x, (layer_state, cache_kv))
 
         x = self.norm(x)
-        head = self.embed_tokens[...].T if config.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("ble,ev->blv", x, head.astype(config.dtype), preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "vocab"))
         if cache is None:
-            return logits
+            return x, None
         new_cache = KVCache(
             k=new_cache_kv[0], v=new_cache_kv[1], segment_ids=kv_segment_ids, index=cache_index + length
         )
-        return logits, new_cache
+        return x, new_cache
