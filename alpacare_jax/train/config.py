@@ -45,6 +45,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.num_epochs = 3  # used when num_train_steps is 0
     c.num_train_steps = 0  # 0 = num_epochs x steps per epoch
     c.grad_accum_steps = 1  # microbatches per step; the global batch is split, the loss stays a per-token mean
+    # Positions per row projected onto the vocabulary at a time in the loss: bounds the logits memory
+    # ([rows, chunk, vocab] float32 instead of [rows, length, vocab]) at no cost in speed.
+    c.loss_chunk_size = 128
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-5
     c.optimizer.warmup_ratio = 0.03
@@ -61,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
     # ---- parallelism (alpacare_jax.sharding) ----
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1))
     c.sharding_rules = ()  # () = alpacare_jax.sharding.DEFAULT_RULES; else [(logical_name, mesh_axes), ...]
+    # The TPU slice this config is sized for (e.g. "v5p-8"); `python -m alpacare_jax.aot` compiles the
+    # train step for it and checks that it fits in HBM. "" = not sized for a TPU (CPU/GPU configs).
+    c.tpu_topology = ""
 
     # ---- bookkeeping ----
     c.log_every = 10
@@ -73,6 +79,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.export_hf = False  # write WORKDIR/hf (safetensors + tokenizer) at the end
     c.sample_prompt = ""  # print one greedy answer to this instruction at the end
     c.sample_max_new_tokens = 64
+    return c
+
+
+def tpu_recipe(preset: str, *, tpu_topology: str, init_from_hf: str, max_length: int = 512,
+               grad_accum_steps: int = 1, remat_policy: str = "nothing_saveable",
+               mesh: dict | None = None) -> ml_collections.ConfigDict:
+    """The AlpaCare recipe for one model on one TPU slice: `configs/llama*.py` differ only in these.
+
+    Everything else is `base_config()`: AdamW lr 2e-5, 3% warmup, cosine, no weight decay, 3 epochs,
+    global batch 128, fp32 master weights with bf16 compute. Splash attention is the TPU backend.
+    `grad_accum_steps` splits the global batch into that many micro-batches (same update, less activation
+    memory) and, with `remat_policy` and `mesh`, is what makes the step fit the slice's HBM; check with
+    `python -m alpacare_jax.aot --config=configs/X.py`. `init_from_hf` is where the HF checkpoint (weights,
+    architecture, tokenizer) will be; the preset must match it (the AOT compile uses the preset).
+    """
+    c = base_config()
+    c.model.preset = preset
+    c.model.remat_policy = remat_policy
+    c.model.attention_impl = "splash"
+    c.init_from_hf = init_from_hf
+    c.data.max_length = max_length
+    c.grad_accum_steps = grad_accum_steps
+    c.tpu_topology = tpu_topology
+    if mesh:
+        c.mesh.update(mesh)
     return c
 
 

@@ -1,0 +1,265 @@
+"""Ahead-of-time compile of the train step for a TPU slice, on any host: does this config fit?
+
+    python -m alpacare_jax.aot --config=configs/llama2_7b.py [--topology=v5p-8] [--config.a.b=v ...]
+
+Builds the trainer's own program (`train.step.build_train_program`: same mesh, rules, optimizer, state
+and batch shardings, same jitted step) over abstract devices of the slice (libtpu, from the `tpu`
+extra, compiles for them; no TPU is needed), lowers it with shapes only and compiles it. Prints what
+XLA will hold per chip (arguments, outputs not aliased to donated arguments, temporaries) against the
+chip's HBM, and exits with status 1 when it does not fit. A minute here saves a failed pod launch.
+
+Slice names follow Cloud TPU: v4-N and v5p-N count TensorCores (two per chip), v5e-N and v6e-N count
+chips. `--topology` defaults to the config's own `tpu_topology`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+if __name__ == "__main__":  # before jax starts: this host compiles for TPU, it needs no TPU backend
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One TPU generation: how its slice names count, its chip grid and its HBM per chip."""
+
+    name: str  # as in slice names and libtpu topology strings: v4, v5p, v5e, v6e
+    hbm_gib: float
+    cores_per_name_unit: int  # v4/v5p names count TensorCores (2 per chip); v5e/v6e count chips
+    dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
+    # v4 exposes each TensorCore as a device unless the two are fused ("megacore"), as jax does on v4 VMs.
+    chip_config_name: str | None = None
+
+
+GENERATIONS = {
+    g.name: g for g in (
+        Generation("v4", 32.0, 2, 3, chip_config_name="megacore"),
+        Generation("v5p", 95.0, 2, 3),
+        Generation("v5e", 16.0, 1, 2),
+        Generation("v6e", 32.0, 1, 2),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+    name: str  # e.g. "v5p-8"
+    generation: Generation
+    chips: int
+
+    @property
+    def topology_name(self) -> str:
+        """libtpu's topology string, e.g. v5p:2x2x1 (the chip grid Cloud TPU gives a slice of this size)."""
+        grids = _GRIDS[self.generation.dims]
+        if self.chips not in grids:
+            raise ValueError(f"{self.name}: no {self.generation.name} slice of {self.chips} chips "
+                             f"(known chip counts: {sorted(grids)})")
+        return f"{self.generation.name}:{'x'.join(map(str, grids[self.chips]))}"
+
+    @property
+    def hbm_bytes(self) -> int:
+        return int(self.generation.hbm_gib * GIB)
+
+    def devices(self) -> list:
+        from jax.experimental import topologies
+
+        # libtpu takes a host-wide lock meant for processes that own the TPU chips; compiling for
+        # abstract devices owns none, so parallel compiles (pytest -n 2, several configs) may share it.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+        kwargs = {}
+        if self.generation.chip_config_name:
+            kwargs["chip_config_name"] = self.generation.chip_config_name
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=self.topology_name, **kwargs)
+        devices = list(topology.devices)
+        if len(devices) != self.chips:
+            raise RuntimeError(f"{self.topology_name} gave {len(devices)} devices, expected {self.chips} chips")
+        return devices
+
+
+_GRIDS = {
+    3: {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+        256: (4, 8, 8), 512: (8, 8, 8)},
+    2: {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)},
+}
+
+
+def parse_slice(name: str) -> TpuSlice:
+    match = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip())
+    if not match or match.group(1) not in GENERATIONS:
+        raise ValueError(f"unknown TPU slice {name!r}; expected e.g. v4-16, v5p-8, v5e-16, v6e-8 "
+                         f"(generations: {sorted(GENERATIONS)})")
+    generation, count = GENERATIONS[match.group(1)], int(match.group(2))
+    if count % generation.cores_per_name_unit:
+        raise ValueError(f"{name}: {generation.name} slice names count TensorCores, two per chip")
+    return TpuSlice(name, generation, count // generation.cores_per_name_unit)
+
+
+# ---- compile and measure --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MemoryReport:
+    """Per-chip bytes of one compiled step, as XLA's buffer assignment reports them.
+
+    When XLA itself refuses the program for lack of HBM, `refusal` holds its message and `temporaries`
+    what the message says they would need.
+    """
+
+    config: str
+    tpu: TpuSlice
+    arguments: int  # train state and batch shards (the state is donated: reused for the outputs)
+    outputs: int  # outputs that do not reuse a donated argument buffer (the metrics)
+    temporaries: int  # activations, gradients, optimizer scratch
+    code: int
+    compile_seconds: float
+    refusal: str = ""
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs + self.temporaries + self.code
+
+    @property
+    def fits(self) -> bool:
+        return not self.refusal and self.total <= self.tpu.hbm_bytes
+
+    HEADER = ("| config | topology | chips | args GiB | temp GiB | total GiB | HBM GiB | fits | compile s |\n"
+              "|---|---|---|---|---|---|---|---|---|")
+
+    def row(self) -> str:
+        g = lambda n: f"{n / GIB:.1f}"
+        return (f"| {self.config} | {self.tpu.name} | {self.tpu.chips} | {g(self.arguments)} | {g(self.temporaries)} "
+                f"| {g(self.total)} | {self.tpu.generation.hbm_gib:g} | {'yes' if self.fits else 'NO'} "
+                f"| {self.compile_seconds:.0f} |")
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GIB, "T": 1024 ** 4}
+
+
+def _refused_temporaries(message: str) -> int:
+    """The temporaries XLA's out-of-HBM error quotes ("... HLO temporaries (315.16G) exceeds ..."), or 0."""
+    match = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", message)
+    return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
+
+
+def _shard_bytes(abstract: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard per leaf)."""
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf in jax.tree.leaves(abstract))
+
+
+def abstract_batch(config, program) -> dict:
+    """Shape-only global batch with the trainer's batch sharding (the data pipeline's fields, int32)."""
+    import jax.numpy as jnp
+
+    from alpacare_jax import sharding as sharding_lib
+    from alpacare_jax.data.pipeline import BATCH_KEYS
+
+    sharding = sharding_lib.batch_sharding(program.setup.mesh, program.setup.rules)
+    shape = (config.data.global_batch_size, config.data.max_length)
+    return {key: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for key in BATCH_KEYS}
+
+
+def model_config_for_aot(config):
+    """The config's model; a not-yet-downloaded `init_from_hf` checkpoint falls back to the preset.
+
+    Shipped configs name their HF checkpoint by a placeholder path; the presets are exactly those
+    checkpoints' architectures, so compiling does not need the weights to be present.
+    """
+    from pathlib import Path
+
+    from alpacare_jax.train.config import llama_config
+
+    if config.init_from_hf and not (Path(config.init_from_hf) / "config.json").exists():
+        config = config.copy_and_resolve_references()
+        config.init_from_hf = ""
+    return llama_config(config)
+
+
+def compile_train_step(config, tpu: TpuSlice, name: str = "") -> MemoryReport:
+    """Compiles the trainer's train step for `tpu` from shapes alone and reads its memory use."""
+    from alpacare_jax.train.step import build_train_program
+
+    model_config = model_config_for_aot(config)
+    if config.data.global_batch_size % config.grad_accum_steps:
+        raise ValueError(f"data.global_batch_size={config.data.global_batch_size} is not divisible by "
+                         f"grad_accum_steps={config.grad_accum_steps}")
+    # The schedule's length changes no shapes; any step count compiles the same program.
+    total_steps = config.num_train_steps or 1000
+    program = build_train_program(config, model_config, total_steps, devices=tpu.devices())
+    args = (program.setup.abstract_state, abstract_batch(config, program))
+    start = time.perf_counter()
+    try:
+        compiled = program.train_step.lower(*args).compile()
+    except jax.errors.JaxRuntimeError as e:  # XLA refuses programs that cannot fit in HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        message = str(e).strip().splitlines()[0]
+        return MemoryReport(name, tpu, arguments=_shard_bytes(args), outputs=0,
+                            temporaries=_refused_temporaries(message), code=0,
+                            compile_seconds=time.perf_counter() - start, refusal=message)
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    return MemoryReport(
+        config=name, tpu=tpu,
+        arguments=memory.argument_size_in_bytes,
+        outputs=max(memory.output_size_in_bytes - memory.alias_size_in_bytes, 0),
+        temporaries=memory.temp_size_in_bytes,
+        code=memory.generated_code_size_in_bytes,
+        compile_seconds=seconds,
+    )
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+def run(config, topology: str = "", name: str = "") -> int:
+    """Compiles, prints the per-chip table row; 0 if it fits the chip's HBM, else 1."""
+    topology = topology or config.get("tpu_topology", "")
+    if not topology:
+        raise ValueError("no --topology given and the config sets no tpu_topology")
+    tpu = parse_slice(topology)
+    print(f"compiling the {name or 'config'} train step for {tpu.name} "
+          f"({tpu.chips} chips, {tpu.topology_name}) ...", flush=True)
+    report = compile_train_step(config, tpu, name)
+    print(MemoryReport.HEADER)
+    print(report.row(), flush=True)
+    if not report.fits:
+        print(f"does NOT fit: {report.total / GIB:.1f} GiB per chip needed, "
+              f"{tpu.generation.hbm_gib:g} GiB of HBM per {tpu.generation.name} chip", file=sys.stderr)
+        if report.refusal:
+            print(f"XLA: {report.refusal}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _main() -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
+                                                  lock_config=True)
+    topology_flag = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-8 (default: config.tpu_topology)")
+    flags.mark_flags_as_required(["config"])
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        name = path.rsplit("/", 1)[-1].removesuffix(".py")
+        sys.exit(run(config_flag.value, topology_flag.value or "", name))
+
+    app.run(main)
+
+
+if __name__ == "__main__":
+    _main()

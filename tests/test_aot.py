@@ -1,0 +1,76 @@
+"""Every shipped TPU config compiles for its slice and fits its HBM (real sizes, abstract TPU devices).
+
+libtpu (the `tpu` extra) compiles for TPU topologies on this CPU host; nothing is allocated, so a 13B
+train step costs a compile (tens of seconds) and a few GiB of host memory, not a TPU. These tests
+are what stops a config change from failing on the pod after the queue wait.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("libtpu", reason="needs the tpu extra (libtpu) to compile for TPU")
+
+from alpacare_jax import aot  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TPU_CONFIGS = ("llama1_7b", "llama2_7b", "llama1_13b", "llama2_13b", "llama3_1_8b")
+
+
+def load_config(name: str):
+    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name, chips, topology", [
+    ("v5p-8", 4, "v5p:2x2x1"), ("v5p-16", 8, "v5p:2x2x2"), ("v4-16", 8, "v4:2x2x2"),
+    ("v5e-16", 16, "v5e:4x4"), ("v6e-8", 8, "v6e:2x4"), ("v5e-256", 256, "v5e:16x16"),
+])
+def test_slice_names_count_cores_or_chips_like_cloud_tpu(name, chips, topology):
+    tpu = aot.parse_slice(name)
+    assert (tpu.chips, tpu.topology_name) == (chips, topology)
+
+
+@pytest.mark.parametrize("bad", ["v5p-7", "v3-8", "tpu-8", "v5e-12"])
+def test_unknown_slices_fail_clearly(bad):
+    with pytest.raises(ValueError, match="TensorCores|unknown TPU slice|no v5e slice"):
+        aot.parse_slice(bad).topology_name
+
+
+@pytest.mark.parametrize("name", TPU_CONFIGS)
+def test_configs_follow_the_alpacare_recipe_on_splash_attention(name):
+    c = load_config(name)
+    assert (c.optimizer.learning_rate, c.optimizer.warmup_ratio, c.optimizer.weight_decay) == (2e-5, 0.03, 0.0)
+    assert (c.num_epochs, c.data.global_batch_size) == (3, 128)
+    assert (c.model.param_dtype, c.model.dtype, c.model.attention_impl) == ("float32", "bfloat16", "splash")
+    assert c.model.remat_policy != "none" and c.init_from_hf
+    assert c.data.global_batch_size % c.grad_accum_steps == 0
+    aot.parse_slice(c.tpu_topology).topology_name  # a slice this tool knows
+
+
+@pytest.mark.parametrize("name", TPU_CONFIGS)
+def test_shipped_config_compiles_for_its_tpu_slice_and_fits(name):
+    config = load_config(name)
+    report = aot.compile_train_step(config, aot.parse_slice(config.tpu_topology), name)
+    print(report.row())
+    assert report.fits, report.row() + " " + report.refusal
+    assert report.arguments > 0 and report.temporaries > 0
+
+
+def test_cli_reports_an_oversized_run_as_not_fitting():
+    """LLaMA-1 13B on a v4-16 (8 chips of 32 GiB): XLA refuses it, the tool says so and exits 1."""
+    result = subprocess.run(
+        [sys.executable, "-m", "alpacare_jax.aot", "--config=configs/llama1_13b.py", "--topology=v4-16"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "| llama1_13b | v4-16 | 8 |" in result.stdout and "| NO |" in result.stdout
+    assert "does NOT fit" in result.stderr
