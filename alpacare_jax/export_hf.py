@@ -12,33 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from etils import epath
-
 
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "bfloat16") -> int:
     """Writes the checkpoint at `step` (default: latest) of `workdir` to `out`; returns the step exported."""
-    from flax import nnx
+    from alpacare_jax import hf
+    from alpacare_jax.loading import restore_workdir, workdir_tokenizer
 
-    from alpacare_jax import hf, sharding
-    from alpacare_jax.data.tokenizer import load_tokenizer
-    from alpacare_jax.train.checkpoint import Checkpointer
-    from alpacare_jax.train.loop import TOKENIZER_DIR, load_model_config
-    from alpacare_jax.train.state import abstract_model, with_shardings
-
-    workdir = epath.Path(workdir)
-    model_config = load_model_config(workdir)
-    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=-1))
-    graphdef, abstract_state = abstract_model(model_config)
-    shardings = sharding.param_shardings(abstract_state, mesh)
-    abstract_params = with_shardings(nnx.to_pure_dict(abstract_state), shardings)
-    checkpointer = Checkpointer(workdir / "checkpoints", save_every=0, keep=1 << 30, async_save=False)
-    try:
-        params, step = checkpointer.restore_params(abstract_params, step)
-    finally:
-        checkpointer.close()
-    tokenizer_dir = workdir / TOKENIZER_DIR
-    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir.exists() else None
-    hf.save_pretrained(nnx.merge(graphdef, params), out, dtype=dtype, tokenizer=tokenizer)
+    model, step = restore_workdir(workdir, step=step)
+    hf.save_pretrained(model, out, dtype=dtype, tokenizer=workdir_tokenizer(workdir))
     return step
 
 

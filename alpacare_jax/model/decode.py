@@ -5,6 +5,10 @@ rotary positions (padding never shifts them), so results match decoding each pro
 length, batch size and cache length are rounded up to buckets, so a server or an evaluation run
 compiles a handful of programs instead of one per prompt length. The whole decode (prefill plus a
 `lax.while_loop` over steps that stops when every row has emitted EOS) is one jitted program.
+
+Only the sampling rule (temperature, top-k, top-p) is compiled in: the seed and `max_new_tokens` are
+traced values (the token buffer is bucketed like the lengths), so a server answering requests with
+different `max_tokens` or an evaluation drawing a new seed per batch reuses the same programs.
 """
 
 from __future__ import annotations
@@ -65,14 +69,14 @@ def sample_next(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> 
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "cache_length"))
-def _decode(graphdef, state, input_ids, segment_ids, eos_ids, sampling: SamplingConfig, cache_length: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "cache_length", "buffer_length"))
+def _decode(graphdef, state, input_ids, segment_ids, eos_ids, max_new_tokens, rng, sampling: SamplingConfig,
+            cache_length: int, buffer_length: int):
     model: Llama = nnx.merge(graphdef, state)
     batch = input_ids.shape[0]
     positions = jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0)
     cache = KVCache.empty(model.config, batch, cache_length)
     logits, cache = model(input_ids, positions=positions, segment_ids=segment_ids, cache=cache)
-    rng = jax.random.key(sampling.seed)
     next_position = positions[:, -1] + 1
 
     def emit(step, logits, rng, tokens, done):
@@ -82,13 +86,13 @@ def _decode(graphdef, state, input_ids, segment_ids, eos_ids, sampling: Sampling
         done = done | jnp.isin(token, eos_ids)
         return token, rng, tokens, done
 
-    tokens = jnp.full((batch, sampling.max_new_tokens), -1, jnp.int32)
+    tokens = jnp.full((batch, buffer_length), -1, jnp.int32)
     filler_rows = jnp.sum(segment_ids, axis=1) == 0  # batch padding: done from the start
     token, rng, tokens, done = emit(0, logits[:, -1], rng, tokens, filler_rows)
 
     def cond(carry):
         step, _, _, _, _, done, _ = carry
-        return (step < sampling.max_new_tokens) & ~jnp.all(done)
+        return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
         step, token, position, cache, rng, done, tokens = carry
@@ -119,9 +123,16 @@ def generate(
     for row, prompt in enumerate(prompts):
         input_ids[row, prompt_length - len(prompt):] = prompt
         segment_ids[row, prompt_length - len(prompt):] = 1
-    cache_length = bucket(prompt_length + sampling.max_new_tokens)
+    buffer_length = bucket(sampling.max_new_tokens)
+    cache_length = bucket(prompt_length + buffer_length)
     graphdef, state = nnx.split(model)
+    compiled_rule = dataclasses.replace(sampling, max_new_tokens=buffer_length, seed=0)
     tokens = _decode(graphdef, state, jnp.asarray(input_ids), jnp.asarray(segment_ids),
-                     jnp.asarray(eos_ids, jnp.int32), sampling, cache_length)
-    tokens = np.asarray(tokens)[: len(prompts)]
+                     jnp.asarray(eos_ids, jnp.int32), jnp.int32(sampling.max_new_tokens),
+                     jax.random.key(sampling.seed), compiled_rule, cache_length, buffer_length)
+    if not tokens.is_fully_addressable:  # several processes: every one gets all rows
+        from jax.experimental import multihost_utils
+
+        tokens = multihost_utils.process_allgather(tokens, tiled=True)
+    tokens = np.asarray(tokens)[: len(prompts), : sampling.max_new_tokens]
     return [[int(t) for t in row if t >= 0] for row in tokens]

@@ -30,13 +30,11 @@ from alpacare_jax import sharding as sharding_lib
 from alpacare_jax.data import pipeline
 from alpacare_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from alpacare_jax.model import LlamaConfig
-from alpacare_jax.train import optimizer as optimizer_lib
 from alpacare_jax.train import state as state_lib
 from alpacare_jax.train import step as step_lib
 from alpacare_jax.train.checkpoint import Checkpointer
 from alpacare_jax.train.config import llama_config
 from alpacare_jax.train.metrics import MetricsWriter, Throughput
-from alpacare_jax.train.sample import greedy_answer
 
 log = logging.getLogger(__name__)
 
@@ -197,18 +195,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
     workdir = epath.Path(workdir)
     model_config = llama_config(config)
-    mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config.mesh))
-    rules = sharding_lib.rules_from_config(config.sharding_rules)
     tokenizer = prepare_tokenizer(config, workdir)
     _validate(config, model_config, tokenizer)
     data_config = prepare_data(config, workdir)
     total_steps = total_train_steps(config, data_config, tokenizer)
     save_run_description(workdir, config, model_config)
 
-    tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total_steps)
-    setup = state_lib.make_setup(model_config, tx, mesh, rules)
-    train_step = step_lib.jit_train_step(setup, tx, schedule, config.grad_accum_steps)
-    eval_step = step_lib.jit_eval_step(setup)
+    program = step_lib.build_train_program(config, model_config, total_steps)
+    setup, tx, train_step = program.setup, program.tx, program.train_step
+    mesh, rules = setup.mesh, setup.rules
+    eval_step = step_lib.jit_eval_step(setup, config.loss_chunk_size)
     train_iter = pipeline.make_train_iterator(data_config, tokenizer)
     checkpointer = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint_every,
                                 keep=config.keep_checkpoints, async_save=config.async_checkpointing)
@@ -290,8 +286,10 @@ def _after_training(config, workdir, setup, state, tokenizer, model_config) -> N
         if _is_primary():
             print(f"exported the model for transformers to {out}", flush=True)
     if config.sample_prompt:
-        answer = greedy_answer(setup.graphdef, state.params, tokenizer, config.sample_prompt,
-                               max_new_tokens=config.sample_max_new_tokens,
-                               max_length=model_config.max_position_embeddings)
+        from alpacare_jax.inference import answer as answer_instruction
+        from alpacare_jax.model import SamplingConfig
+
+        answer = answer_instruction(nnx.merge(setup.graphdef, state.params), tokenizer, config.sample_prompt,
+                                    sampling=SamplingConfig(max_new_tokens=config.sample_max_new_tokens))
         if _is_primary():
             print(f"\n### Instruction:\n{config.sample_prompt}\n\n### Response:\n{answer}\n", flush=True)

@@ -1,0 +1,105 @@
+"""`python -m alpacare_jax.generate`: the same answers from a workdir and its HF export, resume after SIGKILL,
+and input errors that name the file, record and field."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from alpacare_jax import generate
+from data_gen.errors import DataError
+from tests.inference_fixtures import (GROUP, MODEL_NAME, REPO_ROOT, alpacare_data, prepared,  # noqa: F401
+                                      run_module, subprocess_env, test_sets_dir, trained)
+
+ROWS = 6
+FLAGS = [f"--limit={ROWS}", "--batch_size=2", "--max_new_tokens=24", "--no_progress"]
+
+
+def _args(model, data_dir, out, *extra):
+    return [f"--model={model}", "--dataset=medinstruct_test", f"--data_dir={data_dir}", f"--out={out}", *FLAGS, *extra]
+
+
+@pytest.fixture(scope="module")
+def workdir_outputs(trained, test_sets_dir, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("generate") / "workdir.json"
+    proc = run_module("alpacare_jax.generate", *_args(trained, test_sets_dir, out))
+    assert f"{ROWS} answered" in proc.stdout and "0 already done" in proc.stdout, proc.stdout
+    return json.loads(out.read_text())
+
+
+@GROUP
+@pytest.mark.slow
+def test_outputs_follow_the_test_set_and_the_contract(workdir_outputs, test_sets_dir):  # noqa: F811
+    rows = generate.load_tasks("medinstruct_test", data_dir=str(test_sets_dir), limit=ROWS)
+    assert [r["id"] for r in workdir_outputs] == [t.id for t in rows]
+    for record, task in zip(workdir_outputs, rows):
+        assert set(record) == {"id", "instruction", "input", "output", "generator"}
+        assert (record["instruction"], record["input"], record["generator"]) == (task.instruction, task.input, MODEL_NAME)
+        assert record["output"]  # the barely trained model never stops early: every answer has text
+
+
+@GROUP
+@pytest.mark.slow
+def test_hf_export_gives_the_same_outputs_as_the_workdir(workdir_outputs, trained, test_sets_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "hf.json"
+    run_module("alpacare_jax.generate", *_args(trained / "hf", test_sets_dir, out, f"--name={MODEL_NAME}"))
+    assert json.loads(out.read_text()) == workdir_outputs
+
+
+@GROUP
+@pytest.mark.slow
+def test_rerun_after_sigkill_answers_only_the_rest(workdir_outputs, trained, test_sets_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "killed.json"
+    partial = generate.partial_path(out)
+    command = [sys.executable, "-m", "alpacare_jax.generate", *_args(trained, test_sets_dir, out)]
+    proc = subprocess.Popen(command, env=subprocess_env(1), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (partial.exists() and partial.read_text().count("\n") >= 2):  # the first batch is stored
+            assert proc.poll() is None, f"generate ended before it could be killed:\n{proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no batch was stored within 120 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert not out.exists()
+    stored = partial.read_text().count("\n")
+    assert 2 <= stored < ROWS
+    with partial.open("a") as f:
+        f.write('{"key": "9", "id": 9, "instr')  # a write cut short by the kill: dropped on resume
+
+    rerun = run_module("alpacare_jax.generate", *_args(trained, test_sets_dir, out))
+    assert f"{ROWS - stored} answered" in rerun.stdout and f"{stored} already done" in rerun.stdout, rerun.stdout
+    assert json.loads(out.read_text()) == workdir_outputs
+    assert not partial.exists()
+    again = run_module("alpacare_jax.generate", *_args(trained, test_sets_dir, out))  # finished: nothing to do
+    assert "0 answered" in again.stdout and f"{ROWS} already done" in again.stdout
+
+
+def test_bad_task_files_name_the_file_record_and_field(tmp_path):
+    cases = {
+        "missing.jsonl": ('{"instruction": "a"}\n{"input": "b"}\n', "record 1, field 'instruction'"),
+        "input.json": ('[{"instruction": "a", "input": 3}]', "record 0, field 'input'"),
+        "dup.json": ('[{"instruction": "a", "id": 1}, {"instruction": "b", "id": 1}]', "record 1, field 'id'"),
+        "list.json": ('[{"instruction": "a"}, 5]', "record 1"),
+    }
+    for name, (text, where) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(DataError) as error:
+            generate.load_task_file(path)
+        assert str(path) in str(error.value) and where in str(error.value), str(error.value)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"instruction": "a", "input": "<noinput>"}\n{"instruction": "b", "id": "x7"}\n')
+    assert [(t.id, t.input) for t in generate.load_task_file(ok)] == [(0, "<noinput>"), ("x7", "")]
+    # The command line reports it (exit 2) before loading any model.
+    assert generate.main(["--model=none", f"--dataset={tmp_path / 'missing.jsonl'}", f"--out={tmp_path / 'o.json'}"]) == 2
+    assert generate.main(["--model=none", "--dataset=no_such_set", f"--out={tmp_path / 'o.json'}"]) == 2
