@@ -19,24 +19,26 @@ def get_config():
     c.model.num_layers = 4
     c.model.num_heads = 4
     c.model.num_kv_heads = 4
-    c.model.max_position_embeddings = 256
+    c.model.max_position_embeddings = 512
     c.model.dtype = "float32"  # bf16 matmuls are slow on CPUs
     c.model.remat_policy = "none"
 
     c.bootstrap.source = "sample"
     c.bootstrap.tokenizer_vocab_size = 1024
-    c.data.max_length = 256
+    c.data.max_length = 512  # no sample example is cut (at 256, 57% were)
     c.data.global_batch_size = 8
 
-    # ~25 epochs of the 93-example training split: enough to (over)fit it, the point being a visible fall.
-    c.num_train_steps = 300
-    c.optimizer.learning_rate = 2e-3
+    # ~19 epochs of the 93-example training split (8 steps each): the training loss falls from 6.97 to
+    # about 2.2 while the validation loss stays near its minimum (about 4.5). Longer runs only memorise
+    # the training split (300 steps at 2e-3: training loss 0.07, validation loss 5.6).
+    c.num_train_steps = 150
+    c.optimizer.learning_rate = 3e-3
     c.optimizer.warmup_ratio = 0.05
     c.optimizer.weight_decay = 0.0
 
     c.log_every = 10
-    c.eval_every = 100
-    c.checkpoint_every = 100
+    c.eval_every = 25
+    c.checkpoint_every = 50
     c.keep_checkpoints = 2
 
     c.export_hf = True

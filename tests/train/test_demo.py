@@ -1,4 +1,4 @@
-"""The README's main job, shortened: configs/demo.py trains, the loss halves, the HF export matches."""
+"""The README's main job: configs/demo.py trains, the loss halves, the HF export matches."""
 
 from __future__ import annotations
 
@@ -7,13 +7,9 @@ from alpacare_jax.train.metrics import read_metrics
 from tests.train.conftest import demo_config, hf_logits_match, restore_model
 
 
-def test_demo_loss_halves_and_export_matches(prepared, tmp_path, capfd):
-    config = demo_config()
-    config.num_train_steps = 180  # the full demo runs 300
+def test_demo_loss_halves_and_export_matches(tmp_path, capfd):
+    config = demo_config()  # as the README runs it, first-run bootstrap of tokenizer and dataset included
     config.eval_every = 0
-    # Reuse the session's tokenizer and dataset (the bootstrap that builds them is what `prepared` ran).
-    config.tokenizer = str(prepared / "tokenizer")
-    config.data.data_dir = str(prepared / "tfds")
     workdir = tmp_path / "demo"
     train(config, workdir)
 
@@ -22,5 +18,5 @@ def test_demo_loss_halves_and_export_matches(prepared, tmp_path, capfd):
     out = capfd.readouterr().out
     assert "exported the model for transformers" in out and "### Response:\n" in out
     model, step = restore_model(workdir)
-    assert step == 180
+    assert step == config.num_train_steps
     hf_logits_match(model, workdir / "hf", config.sample_prompt)
