@@ -7,8 +7,21 @@ through abstract topologies, which need no TPU backend.
 """
 
 import os
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The real AlpaCare release files (seed tasks, MedInstruct-test, reference answers) beside the repository.
+ALPACARE_DATA = Path(__file__).resolve().parents[2] / "shared" / "alpacare_data"
+
+
+@pytest.fixture(scope="session")
+def alpacare_data() -> Path:
+    if not (ALPACARE_DATA / "MedInstruct-test.jsonl").is_file():
+        pytest.skip(f"AlpaCare release files not found at {ALPACARE_DATA}")
+    return ALPACARE_DATA

@@ -18,7 +18,6 @@ import pytest
 
 from tests.train.conftest import REPO_ROOT, prepared, subprocess_env, tiny_config  # noqa: F401 (fixture)
 
-ALPACARE_DATA = REPO_ROOT.parent / "shared" / "alpacare_data"
 GROUP = pytest.mark.xdist_group("trained_demo_model")
 MODEL_NAME = "demo"
 
@@ -34,13 +33,6 @@ def trained(prepared, tmp_path_factory) -> Path:  # noqa: F811
         train(tiny_config(prepared, num_train_steps=2, export_hf=True), workdir)
         done.touch()
     return workdir
-
-
-@pytest.fixture(scope="session")
-def alpacare_data() -> Path:
-    if not (ALPACARE_DATA / "MedInstruct-test.jsonl").is_file():
-        pytest.skip(f"AlpaCare release files not found at {ALPACARE_DATA}")
-    return ALPACARE_DATA
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """Fixtures for the data tests: the bundled sample, a tokenizer trained on it, built TFDS datasets.
 
 Everything built is session-scoped (one build per xdist worker) and lives under pytest's tmp dirs.
-The real AlpaCare release files are read from `../shared/alpacare_data` beside the repository root
-and never copied into the repository.
+The real AlpaCare release files come from the `alpacare_data` fixture (tests/conftest.py), read from
+beside the repository and never copied into it.
 """
 
 from __future__ import annotations
@@ -14,16 +14,8 @@ import pytest
 from alpacare_jax.data import SAMPLE_JSON
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-ALPACARE_DATA = REPO_ROOT.parent / "shared" / "alpacare_data"
 # Validation share used for the sample build: large enough that the tiny sample has a real eval split.
 SAMPLE_VALIDATION_FRACTION = 0.15
-
-
-@pytest.fixture(scope="session")
-def alpacare_data() -> Path:
-    if not (ALPACARE_DATA / "MedInstruct-test.jsonl").is_file():
-        pytest.skip(f"AlpaCare release files not found at {ALPACARE_DATA}")
-    return ALPACARE_DATA
 
 
 @pytest.fixture(scope="session")
