@@ -11,7 +11,7 @@ import pytest
 from alpacare_jax.data.records import REFERENCE_MODELS
 from alpacare_jax.evaluate import format_table
 from tests.data_gen.fake_openai_server import FakeOpenAI
-from tests.inference_fixtures import (GROUP, MODEL_NAME, alpacare_data, prepared, run_module,  # noqa: F401
+from tests.inference_fixtures import (GROUP, MODEL_NAME, prepared, run_module,  # noqa: F401
                                       subprocess_env, trained)
 
 ROWS = 5

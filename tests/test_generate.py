@@ -13,7 +13,7 @@ import pytest
 
 from alpacare_jax import generate
 from data_gen.errors import DataError
-from tests.inference_fixtures import (GROUP, MODEL_NAME, REPO_ROOT, alpacare_data, prepared,  # noqa: F401
+from tests.inference_fixtures import (GROUP, MODEL_NAME, REPO_ROOT, prepared,  # noqa: F401
                                       run_module, subprocess_env, test_sets_dir, trained)
 
 ROWS = 6
