@@ -1,8 +1,9 @@
 """Attention backends behind one function.
 
-`xla` is the reference: plain einsums with an explicit dense mask that handles causality, packed
-segments and KV-cache validity at once, so it runs everywhere and defines the numerics the others must
-match. `cudnn` hands the same computation to `jax.nn.dot_product_attention` (flash attention on NVIDIA
+`xla` is the reference: einsums with an explicit dense mask that handles causality, packed segments
+and KV-cache validity at once, so it runs everywhere and defines the numerics the others must match
+(tests hold it to a textbook softmax attention; its backward is written by hand to save memory
+traffic, and causal self-attention skips the masked upper triangle block by block). `cudnn` hands the same computation to `jax.nn.dot_product_attention` (flash attention on NVIDIA
 GPUs). `splash` is Pallas splash attention for TPU: it never materialises the [L, S] mask but takes
 causality as a static block-sparse mask plus the segment ids, so it needs the mask's parts rather than
 the dense mask. That is why backends receive an `AttentionMask` (the parts) and the dense form is
