@@ -123,6 +123,9 @@ class MemoryReport:
     temporaries: int  # activations, gradients, optimizer scratch
     code: int
     compile_seconds: float
+    # Pallas TPU kernel calls in the lowered step (splash attention's forward and backward kernels):
+    # 0 with `attention_impl="splash"` would mean the step silently fell back to the XLA attention.
+    pallas_kernels: int = 0
     refusal: str = ""
 
     @property
@@ -199,15 +202,18 @@ def compile_train_step(config, tpu: TpuSlice, name: str = "") -> MemoryReport:
     program = build_train_program(config, model_config, total_steps, devices=tpu.devices())
     args = (program.setup.abstract_state, abstract_batch(config, program))
     start = time.perf_counter()
+    lowered = program.train_step.lower(*args)
+    pallas_kernels = lowered.as_text().count("tpu_custom_call")
     try:
-        compiled = program.train_step.lower(*args).compile()
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # XLA refuses programs that cannot fit in HBM
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         message = str(e).strip().splitlines()[0]
         return MemoryReport(name, tpu, arguments=_shard_bytes(args), outputs=0,
                             temporaries=_refused_temporaries(message), code=0,
-                            compile_seconds=time.perf_counter() - start, refusal=message)
+                            compile_seconds=time.perf_counter() - start, pallas_kernels=pallas_kernels,
+                            refusal=message)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     return MemoryReport(
@@ -217,6 +223,7 @@ def compile_train_step(config, tpu: TpuSlice, name: str = "") -> MemoryReport:
         temporaries=memory.temp_size_in_bytes,
         code=memory.generated_code_size_in_bytes,
         compile_seconds=seconds,
+        pallas_kernels=pallas_kernels,
     )
 
 
@@ -232,7 +239,8 @@ def run(config, topology: str = "", name: str = "") -> int:
           f"({tpu.chips} chips, {tpu.topology_name}) ...", flush=True)
     report = compile_train_step(config, tpu, name)
     print(MemoryReport.HEADER)
-    print(report.row(), flush=True)
+    print(report.row())
+    print(f"Pallas TPU kernel calls in the step: {report.pallas_kernels}", flush=True)
     if not report.fits:
         print(f"does NOT fit: {report.total / GIB:.1f} GiB per chip needed, "
               f"{tpu.generation.hbm_gib:g} GiB of HBM per {tpu.generation.name} chip", file=sys.stderr)

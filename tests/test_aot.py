@@ -63,6 +63,7 @@ def test_shipped_config_compiles_for_its_tpu_slice_and_fits(name):
     print(report.row())
     assert report.fits, report.row() + " " + report.refusal
     assert report.arguments > 0 and report.temporaries > 0
+    assert report.pallas_kernels > 0, "splash attention fell back to the XLA backend"
 
 
 def test_cli_reports_an_oversized_run_as_not_fitting():
