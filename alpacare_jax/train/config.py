@@ -14,6 +14,7 @@ import ml_collections
 
 from alpacare_jax.data.pipeline import default_data_config
 from alpacare_jax.model import LlamaConfig
+from alpacare_jax.train import loss
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -47,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1  # microbatches per step; the global batch is split, the loss stays a per-token mean
     # Positions per row projected onto the vocabulary at a time in the loss: bounds the logits memory
     # ([rows, chunk, vocab] float32 instead of [rows, length, vocab]) at no cost in speed.
-    c.loss_chunk_size = 128
+    c.loss_chunk_size = loss.DEFAULT_CHUNK_SIZE
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-5
     c.optimizer.warmup_ratio = 0.03

@@ -22,19 +22,14 @@ from alpacare_jax import sharding as sharding_lib
 from alpacare_jax.model import LlamaConfig
 from alpacare_jax.train import optimizer as optimizer_lib
 from alpacare_jax.train import state as state_lib
-from alpacare_jax.train.loss import cross_entropy_sum
+from alpacare_jax.train.loss import DEFAULT_CHUNK_SIZE, cross_entropy_sum
 from alpacare_jax.train.state import TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
 
 
-# Positions per row whose logits exist at once in the loss (see alpacare_jax.train.loss); the
-# `loss_chunk_size` of a config.
-DEFAULT_LOSS_CHUNK = 128
-
-
 def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: Batch,
-              loss_chunk: int = DEFAULT_LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+              loss_chunk: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
     """(sum of masked token losses, number of loss tokens), both float32 scalars."""
     model = nnx.merge(graphdef, params)
     hidden, _ = model.hidden_states(batch["input_ids"], positions=batch["positions"],
@@ -63,7 +58,7 @@ def _microbatches(batch: Batch, accum_steps: int) -> Batch:
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                schedule: optax.Schedule, accum_steps: int = 1,
-               loss_chunk: int = DEFAULT_LOSS_CHUNK) -> tuple[TrainState, dict[str, jax.Array]]:
+               loss_chunk: int = DEFAULT_CHUNK_SIZE) -> tuple[TrainState, dict[str, jax.Array]]:
     grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
     if accum_steps == 1:
         (loss_sum, num_tokens), grads = grad_fn(state.params, batch)
@@ -92,13 +87,13 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: o
 
 
 def eval_step(params: dict, batch: Batch, *, graphdef: nnx.GraphDef,
-              loss_chunk: int = DEFAULT_LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+              loss_chunk: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
     return loss_sums(graphdef, params, batch, loss_chunk)
 
 
 def jit_train_step(setup: TrainSetup, tx: optax.GradientTransformation, schedule: optax.Schedule,
                    accum_steps: int = 1,
-                   loss_chunk: int = DEFAULT_LOSS_CHUNK) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+                   loss_chunk: int = DEFAULT_CHUNK_SIZE) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """`train_step` jitted with explicit shardings; the input state is donated (updated in place)."""
     batch_sharding = sharding_lib.batch_sharding(setup.mesh, setup.rules)
     fn = jax.jit(
@@ -112,7 +107,7 @@ def jit_train_step(setup: TrainSetup, tx: optax.GradientTransformation, schedule
 
 
 def jit_eval_step(setup: TrainSetup,
-                  loss_chunk: int = DEFAULT_LOSS_CHUNK) -> Callable[[dict, Batch], tuple[jax.Array, jax.Array]]:
+                  loss_chunk: int = DEFAULT_CHUNK_SIZE) -> Callable[[dict, Batch], tuple[jax.Array, jax.Array]]:
     batch_sharding = sharding_lib.batch_sharding(setup.mesh, setup.rules)
     fn = jax.jit(
         lambda params, batch: eval_step(params, batch, graphdef=setup.graphdef, loss_chunk=loss_chunk),
