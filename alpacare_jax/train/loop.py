@@ -272,11 +272,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
         writer.close()
 
     if step == total_steps and not preemption.received:
-        _after_training(config, workdir, setup, state, tokenizer, model_config)
+        _after_training(config, workdir, setup, state, tokenizer)
     return last
 
 
-def _after_training(config, workdir, setup, state, tokenizer, model_config) -> None:
+def _after_training(config, workdir, setup, state, tokenizer) -> None:
     """The demo's finish: HF export and one greedy answer (all processes take part in the gathers)."""
     if config.export_hf:
         from alpacare_jax.hf import save_pretrained
