@@ -7,6 +7,7 @@ compile time does not grow with depth and `remat_policy` applies to one layer bo
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -26,6 +27,22 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def project(x: jax.Array, kernel: jax.Array, in_dims: int = 1) -> jax.Array:
+    """Contract the last `in_dims` axes of `x` with the leading `in_dims` axes of `kernel`.
+
+    Computed as one [tokens, in] @ [in, out] matmul between reshapes, rather than as an einsum over
+    [batch, length, ...]: the weight gradient is then a matmul with a single contracting axis (all
+    tokens), which XLA's CPU backend runs straight from the activations' layout. With batch and length
+    as two contracting axes it first transposed the [tokens, mlp] gradients, costing about a third of
+    the MLP's backward pass. Reshapes that merge leading axes are free on every backend.
+    """
+    lead, in_shape = x.shape[: x.ndim - in_dims], kernel.shape[:in_dims]
+    assert x.shape[x.ndim - in_dims:] == in_shape, (x.shape, kernel.shape)
+    size = math.prod(in_shape)
+    out = x.reshape(-1, size) @ kernel.reshape(size, -1)
+    return out.reshape(*lead, *kernel.shape[in_dims:])
 
 
 def _param(rngs: nnx.Rngs, shape: Sequence[int], names: tuple[str, ...], config: LlamaConfig, init=_INIT):
@@ -80,9 +97,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask, cache_kv=None, cache_index=None):
         dtype = jnp.dtype(self.config.dtype)
-        q = jnp.einsum("ble,ehd->blhd", x, self.q_proj[...].astype(dtype))
-        k = jnp.einsum("ble,ekd->blkd", x, self.k_proj[...].astype(dtype))
-        v = jnp.einsum("ble,ekd->blkd", x, self.v_proj[...].astype(dtype))
+        q = project(x, self.q_proj[...].astype(dtype))
+        k = project(x, self.k_proj[...].astype(dtype))
+        v = project(x, self.v_proj[...].astype(dtype))
         inv_freq = inverse_frequencies(self.config)  # numpy: a compile-time constant, not model state
         q = constrain(apply_rotary(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rotary(k, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
@@ -94,8 +111,35 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             cache_kv = (k, v)
         out = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask, impl=self.config.attention_impl)
-        out = jnp.einsum("blhd,hde->ble", out, self.o_proj[...].astype(dtype))
+        out = project(out, self.o_proj[...].astype(dtype), in_dims=2)
         return out, cache_kv
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, whose backward pass keeps only `gate` and `up`.
+
+    Autodiff of `jax.nn.silu(gate) * up` saves four [tokens, mlp] tensors per layer (gate, its sigmoid,
+    up and a product) and reads them all again; the derivative is cheap to recompute from the two
+    inputs, which saves about 5% of a CPU training step and that much activation memory everywhere.
+    """
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(saved, out_grad):
+    gate, up = saved
+    gate32, up32, out_grad32 = (x.astype(jnp.float32) for x in (gate, up, out_grad))
+    sigmoid = jax.nn.sigmoid(gate32)
+    silu = gate32 * sigmoid
+    gate_grad = out_grad32 * up32 * sigmoid * (1 + gate32 * (1 - sigmoid))
+    return gate_grad.astype(gate.dtype), (out_grad32 * silu).astype(up.dtype)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class MLP(nnx.Module):
@@ -109,10 +153,10 @@ class MLP(nnx.Module):
         self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), config)
 
     def __call__(self, x):
-        gate = x @ self.gate_proj[...].astype(self.dtype)
-        up = x @ self.up_proj[...].astype(self.dtype)
-        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return hidden @ self.down_proj[...].astype(self.dtype)
+        gate = project(x, self.gate_proj[...].astype(self.dtype))
+        up = project(x, self.up_proj[...].astype(self.dtype))
+        hidden = constrain(swiglu(gate, up), ("batch", "length", "mlp"))
+        return project(hidden, self.down_proj[...].astype(self.dtype))
 
 
 class DecoderLayer(nnx.Module):
