@@ -23,31 +23,28 @@ VOCAB, HIDDEN, LAYERS, HEADS, MLP, SEQ, BATCH = 32000, 512, 8, 8, 1376, 512, 4
 LR = 1e-4
 
 
-def _flops_per_step() -> float:
+def _model_config():
     from alpacare_jax.model import LlamaConfig
 
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_layers=LAYERS,
-                         num_heads=HEADS, num_kv_heads=HEADS, max_position_embeddings=SEQ)
-    return config.flops_per_token(SEQ) * SEQ * BATCH
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_layers=LAYERS,
+                       num_heads=HEADS, num_kv_heads=HEADS, max_position_embeddings=SEQ)
 
 
-def _tokens(seed: int = 0):
+def _tokens(vocab: int = VOCAB, batch: int = BATCH, seq: int = SEQ, seed: int = 0):
     import numpy as np
 
-    return np.random.default_rng(seed).integers(0, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
+    return np.random.default_rng(seed).integers(0, vocab, (batch, seq + 1)).astype(np.int32)
 
 
-def run_jax(steps: int) -> list[float]:
+def jax_step_times(model_config, batch_size: int, seq: int, steps: int) -> list[float]:
+    """Seconds per step of the trainer's own jitted step (AdamW, constant lr) on the first device."""
     import jax
     import numpy as np
 
     from alpacare_jax import sharding
-    from alpacare_jax.model import LlamaConfig
     from alpacare_jax.train import optimizer, state as state_lib, step as step_lib
     from alpacare_jax.train.config import base_config
 
-    model_config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_layers=LAYERS,
-                               num_heads=HEADS, num_kv_heads=HEADS, max_position_embeddings=SEQ)
     opt = base_config().optimizer
     opt.learning_rate, opt.warmup_ratio, opt.schedule = LR, 0.0, "constant"
     tx, schedule = optimizer.make_optimizer(opt, 1000)
@@ -55,10 +52,10 @@ def run_jax(steps: int) -> list[float]:
     setup = state_lib.make_setup(model_config, tx, mesh, sharding.DEFAULT_RULES)
     state = state_lib.init_train_state(setup, model_config, tx, seed=0)
     train_step = step_lib.jit_train_step(setup, tx, schedule)
-    tokens = _tokens()
-    ones = np.ones((BATCH, SEQ), np.int32)
+    tokens = _tokens(model_config.vocab_size, batch_size, seq)
+    ones = np.ones((batch_size, seq), np.int32)
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": ones, "segment_ids": ones,
-             "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy()}
+             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch_size, seq)).copy()}
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
     state, metrics = train_step(state, batch)  # compile + first step
     jax.block_until_ready(metrics)
@@ -69,6 +66,10 @@ def run_jax(steps: int) -> list[float]:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
     return times
+
+
+def run_jax(steps: int) -> list[float]:
+    return jax_step_times(_model_config(), BATCH, SEQ, steps)
 
 
 def run_torch(steps: int) -> list[float]:
@@ -153,7 +154,7 @@ def main() -> None:
         _worker(args.worker, args.steps)
         return
 
-    flops = _flops_per_step()
+    flops = _model_config().flops_per_token(SEQ) * SEQ * BATCH
     tokens = BATCH * SEQ
     print(f"model: vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, MLP {MLP}; "
           f"batch {BATCH} x seq {SEQ}, fp32, AdamW; {flops / 1e9:.1f} GFLOP per step; {os.cpu_count()} CPUs")
