@@ -8,11 +8,11 @@ text-davinci-003, claude-2; both orders, ties half, `data_gen.judge`), and print
 one row per model, one column per (test set, reference model) plus each test set's average.
 
 Everything is cached under EVAL, so a rerun (after a crash, or with another --model) only does what is
-missing: `outputs/<model>/<test_set>.json` (resumable generation), `references/<test_set>/<model>.json`
-(the references the TFDS test sets carry, in judge format), `judge/annotations.jsonl` (every verdict)
-and `judge/winrate__*.json` (one summary per table cell). The table shows every summary in `judge/`
-for the judge model, so models judged in earlier runs (or with `python -m data_gen judge` directly,
-`--summary-dir=EVAL/judge`) appear as rows too.
+missing: `outputs/<model>/<test_set>.json` (resumable generation; a model with every answer written is
+not even loaded), `references/<test_set>/<model>.json` (the references the TFDS test sets carry, in judge
+format), `judge/annotations.jsonl` (every verdict) and `judge/winrate__*.json` (one summary per table
+cell). The table shows every summary in `judge/` for the judge model, so models judged in earlier runs
+(or with `python -m data_gen judge` directly, `--summary-dir=EVAL/judge`) appear as rows too.
 
 The judge endpoint comes from OPENAI_BASE_URL / OPENAI_API_KEY (or --base_url / --api_key, which show in
 `ps`: prefer the variables), so any OpenAI-compatible server can judge. The key is never logged or written.
@@ -34,8 +34,8 @@ from data_gen.runner import RunSettings
 from data_gen.store import write_json_atomic
 
 from alpacare_jax.data.records import REFERENCE_MODELS
-from alpacare_jax.generate import (TEST_SETS, Task, add_model_flags, add_sampling_flags, generate_outputs,
-                                   load_test_set, sampling_from_args, setup_logging)
+from alpacare_jax.generate import (TEST_SETS, Task, add_model_flags, add_sampling_flags, answered_all,
+                                   generate_outputs, load_test_set, sampling_from_args, setup_logging)
 
 # How the paper (and the judge summaries) name the test sets; Table 1 lists iCliniq first.
 TEST_SET_TITLES = {"icliniq": "iCliniq", "medinstruct_test": "MedInstruct-test"}
@@ -156,7 +156,7 @@ def format_table(summaries: Sequence[dict], test_sets: Sequence[str] = tuple(TES
 # ---- the recipe -----------------------------------------------------------------------------------------
 
 def evaluate(args: argparse.Namespace) -> int:
-    from alpacare_jax.loading import load_model
+    from alpacare_jax.loading import load_model, model_name
 
     layout = EvalLayout(Path(args.out_dir))
     test_sets = [t.strip() for t in args.test_sets.split(",") if t.strip()]
@@ -177,6 +177,10 @@ def evaluate(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     model_names = []
     for model_path in args.model:
+        if all(answered_all(layout.outputs(model_name(model_path), t), tasks[t]) for t in test_sets):
+            model_names.append(model_name(model_path))
+            print(f"{model_names[-1]}: every test set already answered (model not loaded)", flush=True)
+            continue
         loaded = load_model(model_path, step=args.step, dtype=args.dtype)
         model_names.append(loaded.name)
         for test_set in test_sets:

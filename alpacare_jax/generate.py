@@ -133,6 +133,13 @@ def _stored(out: Path) -> dict[str, dict]:
     return {json.dumps(r.get("id")): r for r in read_records(out)}
 
 
+def answered_all(out: str | Path, tasks: Sequence[Task]) -> bool:
+    """Whether a finished `out` already answers every task, so a caller need not load the model at all."""
+    stored = _stored(Path(out))
+    return all(t.key in stored and (stored[t.key].get("instruction"), stored[t.key].get("input"))
+               == (t.instruction, t.input) for t in tasks)
+
+
 def generate_outputs(loaded, tasks: Sequence[Task], out: str | Path, sampling, *, batch_size: int = 16,
                      progress: bool = True) -> GenerationStats:
     """Answers the `tasks` not yet stored for `out`, then writes `out` (a JSON list in task order).

@@ -74,6 +74,11 @@ def workdir_tokenizer(workdir: str | epath.Path) -> Tokenizer | None:
     return load_tokenizer(path) if path.exists() else None
 
 
+def model_name(path: str | Path) -> str:
+    """What outputs call a model unless told otherwise: its directory's name."""
+    return Path(path).resolve().name
+
+
 def load_model(path: str | Path, *, step: int | None = None, dtype: str | None = None,
                name: str | None = None, mesh: Mesh | None = None) -> LoadedModel:
     """The model and tokenizer in `path`, an HF LLaMA directory or a training workdir.
@@ -81,7 +86,7 @@ def load_model(path: str | Path, *, step: int | None = None, dtype: str | None =
     `dtype` None keeps what the source holds (an HF directory: float32 parameters and compute).
     """
     path = Path(path)
-    name = name or path.resolve().name
+    name = name or model_name(path)
     if (path / _WORKDIR_MARKER).exists():
         model, step = restore_workdir(path, step=step, dtype=dtype, mesh=mesh)
         tokenizer = workdir_tokenizer(path)

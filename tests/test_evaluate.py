@@ -50,7 +50,7 @@ def test_checkpoint_to_judged_win_rate_table(trained, alpacare_data, tmp_path): 
     assert lines[0].split() == ["iCliniq", "MedInstruct-test"]
     assert lines[1].replace("|", " ").split() == ["Model", *(list(REFERENCE_MODELS) + ["AVG"]) * 2]
     assert lines[2].replace("|", " ").split() == [MODEL_NAME] + ["0.0"] * 10
-    assert f"{MODEL_NAME} on iCliniq: 0 answered" in rerun.stdout
+    assert f"{MODEL_NAME}: every test set already answered (model not loaded)" in rerun.stdout
 
     for test_set in ("icliniq", "medinstruct_test"):
         outputs = json.loads((out_dir / "outputs" / MODEL_NAME / f"{test_set}.json").read_text())

@@ -43,6 +43,16 @@ def test_outputs_follow_the_test_set_and_the_contract(workdir_outputs, test_sets
         assert record["output"]  # the barely trained model never stops early: every answer has text
 
 
+def test_answered_all_only_when_every_task_is_stored_unchanged(tmp_path):
+    tasks = [generate.Task(id=i, instruction=f"question {i}") for i in range(3)]
+    out = tmp_path / "out.json"
+    assert not generate.answered_all(out, tasks)  # nothing written yet
+    out.write_text(json.dumps([{"id": t.id, "instruction": t.instruction, "input": "", "output": "a"} for t in tasks]))
+    assert generate.answered_all(out, tasks) and generate.answered_all(out, tasks[:2])
+    assert not generate.answered_all(out, tasks + [generate.Task(id=3, instruction="question 3")])
+    assert not generate.answered_all(out, [generate.Task(id=0, instruction="another question")])
+
+
 @GROUP
 @pytest.mark.slow
 def test_hf_export_gives_the_same_outputs_as_the_workdir(workdir_outputs, trained, test_sets_dir, tmp_path):  # noqa: F811
