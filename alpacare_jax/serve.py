@@ -14,8 +14,14 @@ official `openai` client (`base_url="http://HOST:PORT/v1"`) and other OpenAI too
 * Honoured: `max_tokens` / `max_completion_tokens` (default: up to `--max_tokens`, within the context),
   `temperature` (default 0: greedy, as in evaluation; OpenAI's default is 1), `top_p`, `top_k` (an
   extension, as in vLLM), `seed`, `stop` (a string or up to 4: the text is cut before the first one,
-  `finish_reason` "stop"). `n` must be 1 and `stream` false. `usage` counts prompt tokens and the
-  tokens generated (EOS included; a `stop` cut happens after generation and does not reduce it).
+  `finish_reason` "stop"). `n` must be 1. `usage` counts prompt tokens and the tokens generated (EOS
+  included; a `stop` cut happens after generation and does not reduce it).
+* `stream: true` answers with server-sent events as OpenAI does (chunks, then `data: [DONE]`;
+  `stream_options.include_usage` adds the usage chunk), so clients that always stream work. The decoder
+  runs the whole answer in one compiled loop, so the text arrives as one chunk when decoding ends.
+* API key: when the variable ALPACARE_SERVE_API_KEY is set, every `/v1/...` request must send
+  `Authorization: Bearer <key>` (the `openai` client's `api_key`); others get 401. Unset: no check, so
+  keep the default `--host=127.0.0.1` then. The key is never logged.
 
 Requests arriving while the model is busy wait in a queue; the next batch takes up to `--max_batch`
 of them that share a sampling rule and `max_tokens`, and decodes them together. The standard library
@@ -26,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hmac
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -43,6 +51,7 @@ from alpacare_jax.model import SamplingConfig
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512
+API_KEY_ENV = "ALPACARE_SERVE_API_KEY"
 
 
 class RequestError(ValueError):
@@ -193,8 +202,8 @@ class Server:
                                status=404, param="model", code="model_not_found")
         if _number(body, "n", int, 1) != 1:
             raise RequestError("only n=1 is supported", param="n")
-        if body.get("stream"):
-            raise RequestError("streaming is not supported", param="stream")
+        if not isinstance(body.get("stream_options") or {}, dict):
+            raise RequestError("stream_options must be an object", param="stream_options")
         stops = _stops(body)
         room = self.engine.context - len(prompt)
         max_tokens = _number(body, "max_completion_tokens", int, _number(body, "max_tokens", int, None))
@@ -216,15 +225,28 @@ class Server:
 
     def _envelope(self, kind: str, prefix: str, completion: Completion, choice: dict) -> dict:
         return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
-                "model": self.name, "choices": [choice],
-                "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-                          "total_tokens": completion.prompt_tokens + completion.completion_tokens}}
+                "model": self.name, "choices": [choice], "usage": _usage(completion)}
 
-    def chat(self, body: dict) -> dict:
+    def _chunks(self, kind: str, prefix: str, body: dict, completion: Completion, *choices: dict) -> list[dict]:
+        """The server-sent events of a streamed answer: one chunk per choice, then usage if asked for."""
+        head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
+                "model": self.name}
+        chunks = [{**head, "choices": [choice]} for choice in choices]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append({**head, "choices": [], "usage": _usage(completion)})
+        return chunks
+
+    def chat(self, body: dict) -> dict | list[dict]:
         tokenizer = self.engine.loaded.tokenizer
         prompt = instruction_prompt(tokenizer, chat_instruction(body.get("messages")))
         completion, text, finish = self._run(body, prompt)
-        choice = {"index": 0, "message": {"role": "assistant", "content": text.strip()}, "logprobs": None,
+        text = text.strip()
+        if body.get("stream"):
+            return self._chunks(
+                "chat.completion.chunk", "chatcmpl", body, completion,
+                {"index": 0, "delta": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": None},
+                {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish})
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                   "finish_reason": finish}
         return self._envelope("chat.completion", "chatcmpl", completion, choice)
 
@@ -236,11 +258,21 @@ class Server:
             raise RequestError("prompt must be a non-empty string (one prompt per request)", param="prompt")
         prompt = self.engine.loaded.tokenizer.encode(prompt_text, bos=True)
         completion, text, finish = self._run(body, prompt)
+        if body.get("stream"):
+            return self._chunks("text_completion", "cmpl", body, completion,
+                                {"index": 0, "text": text, "logprobs": None, "finish_reason": None},
+                                {"index": 0, "text": "", "logprobs": None, "finish_reason": finish})
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return self._envelope("text_completion", "cmpl", completion, choice)
 
 
-def make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
+def _usage(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def make_handler(server: Server, api_key: str | None = None) -> type[BaseHTTPRequestHandler]:
+    """The request handler; with `api_key`, `/v1/...` requests must carry it as a bearer token."""
     routes_post = {"/v1/chat/completions": server.chat, "/v1/completions": server.completions}
     routes_get = {"/v1/models": server.models, "/health": lambda: {"status": "ok"}}
 
@@ -250,13 +282,28 @@ def make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
         def log_message(self, fmt: str, *args: Any) -> None:
             log.debug("%s " + fmt, self.address_string(), *args)
 
-        def _send(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload, ensure_ascii=False).encode()
+        def _send(self, status: int, payload: dict | list[dict]) -> None:
+            if isinstance(payload, list):  # a streamed answer: server-sent events
+                events = [f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n" for chunk in payload]
+                data, content_type = "".join([*events, "data: [DONE]\n\n"]).encode(), "text/event-stream"
+            else:
+                data, content_type = json.dumps(payload, ensure_ascii=False).encode(), "application/json"
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def _refused(self) -> bool:
+            """Answers 401 (and says so) when an API key is required and this request lacks it."""
+            if api_key is None or not self.path.startswith("/v1"):
+                return False
+            sent = self.headers.get("Authorization", "").encode()
+            if hmac.compare_digest(sent, f"Bearer {api_key}".encode()):
+                return False
+            self._error(RequestError("missing or incorrect API key (send Authorization: Bearer <key>)",
+                                     status=401, code="invalid_api_key"))
+            return True
 
         def _error(self, error: RequestError) -> None:
             kind = "invalid_request_error" if error.status < 500 else "server_error"
@@ -264,6 +311,8 @@ def make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
                                                 "code": error.code}})
 
         def do_GET(self) -> None:  # noqa: N802
+            if self._refused():
+                return
             route = routes_get.get(self.path.split("?")[0].rstrip("/"))
             if route is None:
                 return self._error(RequestError(f"no route for GET {self.path}", status=404))
@@ -272,6 +321,8 @@ def make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
+            if self._refused():
+                return
             route = routes_post.get(self.path.split("?")[0].rstrip("/"))
             if route is None:
                 return self._error(RequestError(f"no route for POST {self.path}", status=404))
@@ -319,9 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     engine = Engine(loaded, max_batch=args.max_batch)
     engine.submit(instruction_prompt(loaded.tokenizer, "Hello"), SamplingConfig(max_new_tokens=1))  # compile now
-    httpd = _HTTPServer((args.host, args.port), make_handler(Server(engine, max_tokens=args.max_tokens)))
+    api_key = os.environ.get(API_KEY_ENV) or None
+    httpd = _HTTPServer((args.host, args.port),
+                        make_handler(Server(engine, max_tokens=args.max_tokens), api_key=api_key))
     host, port = httpd.server_address[:2]
     print(f"serving {loaded.name} at http://{host}:{port}/v1", flush=True)
+    log.info("API key %s", f"required ({API_KEY_ENV})" if api_key else f"not required ({API_KEY_ENV} unset)")
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -12,10 +15,11 @@ import pytest
 
 from alpacare_jax.data.prompts import format_prompt
 from alpacare_jax.data.tokenizer import load_tokenizer
-from alpacare_jax.serve import RequestError, apply_stop, chat_instruction
+from alpacare_jax.serve import API_KEY_ENV, RequestError, apply_stop, chat_instruction
 from tests.inference_fixtures import GROUP, MODEL_NAME, REPO_ROOT, prepared, subprocess_env, trained  # noqa: F401
 
 INSTRUCTION = "What are the common symptoms of iron deficiency anemia?"
+API_KEY = "sk-serve-test-4242"
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +27,7 @@ def server(trained):  # noqa: F811
     """The served HF export: (base_url, tokenizer); the process is killed after the module."""
     proc = subprocess.Popen([sys.executable, "-m", "alpacare_jax.serve", f"--model={trained / 'hf'}",
                              f"--name={MODEL_NAME}", "--port=0", "--max_tokens=24"],
-                            env=subprocess_env(1), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**subprocess_env(1), API_KEY_ENV: API_KEY}, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
         line = proc.stdout.readline()  # printed once the model is loaded, compiled and the port bound
@@ -34,6 +38,7 @@ def server(trained):  # noqa: F811
     finally:
         proc.kill()
         proc.wait(timeout=30)
+        assert API_KEY not in proc.stdout.read() + proc.stderr.read()
         proc.stdout.close()
         proc.stderr.close()
 
@@ -42,7 +47,7 @@ def server(trained):  # noqa: F811
 @pytest.mark.slow
 def test_openai_client_chat_and_completions(server):
     base_url, tokenizer = server
-    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data] == [MODEL_NAME]
 
     chat = client.chat.completions.create(
@@ -81,7 +86,7 @@ def test_openai_client_chat_and_completions(server):
 @pytest.mark.slow
 def test_bad_requests_get_openai_errors(server):
     base_url, _ = server
-    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=60)
     user = [{"role": "user", "content": INSTRUCTION}]
     with pytest.raises(openai.NotFoundError, match="serves 'demo'"):
         client.chat.completions.create(model="gpt-4", messages=user)
@@ -91,6 +96,43 @@ def test_bad_requests_get_openai_errors(server):
         client.chat.completions.create(model=MODEL_NAME, messages=user, n=2)
     with pytest.raises(openai.BadRequestError, match="single user message"):
         client.chat.completions.create(model=MODEL_NAME, messages=[*user, {"role": "assistant", "content": "x"}, *user])
+
+
+@GROUP
+@pytest.mark.slow
+def test_streaming_gives_the_same_answer_as_one_response(server):
+    base_url, _ = server
+    client = openai.OpenAI(base_url=base_url, api_key=API_KEY, max_retries=0, timeout=120)
+    user = [{"role": "user", "content": INSTRUCTION}]
+    whole = client.chat.completions.create(model=MODEL_NAME, max_tokens=12, messages=user)
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, max_tokens=12, messages=user, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 12
+
+    prompt = format_prompt(INSTRUCTION)
+    text = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12).choices[0].text
+    streamed = list(client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == text
+    assert streamed[-1].choices[0].finish_reason == "length" and streamed[-1].usage is None
+
+
+@GROUP
+@pytest.mark.slow
+def test_api_key_is_required_when_set(server):
+    base_url, _ = server
+    client = openai.OpenAI(base_url=base_url, api_key="sk-wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        client.models.list()
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": INSTRUCTION}])
+    request = urllib.request.Request(base_url + "/models")  # no Authorization header at all
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 401 and json.load(refused.value)["error"]["code"] == "invalid_api_key"
+    health = urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=30)
+    assert json.load(health) == {"status": "ok"}  # for load balancers: no key needed
 
 
 def test_chat_mapping_and_stop():
