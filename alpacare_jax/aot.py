@@ -112,9 +112,9 @@ def parse_slice(name: str) -> TpuSlice:
 class MemoryReport:
     """Per-chip bytes of one compiled step, as XLA's buffer assignment reports them.
 
-    `peak` is XLA's own peak of live bytes per chip, arguments included (`peak_memory_in_bytes`, which
-    equals the total of XLA's buffer-assignment memory report). Adding up the argument, output and
-    temporary sizes instead overstates it by a fifth to a quarter (41.1 against 34.3 GiB for LLaMA-1 7B on a
+    `peak` is XLA's own peak of live bytes per chip, arguments included (`peak_memory_in_bytes`, within 1% of
+    the total of XLA's buffer-assignment memory report). Adding up the argument, output and
+    temporary sizes instead overstates it by a fifth to a quarter (40.4 against 34.0 GiB for LLaMA-1 7B on a
     v5p-8). When XLA refuses the program for lack of HBM, `refusal` holds its message and `peak` the
     bytes the message quotes, which its memory report shows to be arguments plus temporaries too.
     """

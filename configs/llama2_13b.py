@@ -5,7 +5,7 @@
     python -m alpacare_jax.aot --config=configs/llama2_13b.py     # per-chip memory vs HBM
 
 FSDP over the 8 chips; 16 rows of 1024 tokens per chip fit in one micro-batch with full remat
-(a 38 GiB peak of each chip's 95 GiB). A v5p-8 also fits it (75 GiB per chip), at half the speed.
+(a 38 GiB peak of each chip's 95 GiB). A v5p-8 also fits it (74 GiB per chip), at half the speed.
 """
 
 from alpacare_jax.train.config import tpu_recipe
