@@ -127,6 +127,10 @@ class MemoryReport:
     # Pallas TPU kernel calls in the lowered step (splash attention's forward and backward kernels):
     # 0 with `attention_impl="splash"` would mean the step silently fell back to the XLA attention.
     pallas_kernels: int = 0
+    # All-gathers in the compiled step that assemble a whole decoder-layer weight matrix, and how many
+    # such matrices a layer has (see `count_weight_gathers`); 0 when XLA refused the program.
+    weight_gathers: int = 0
+    layer_weights: int = 0
     refusal: str = ""
 
     @property
@@ -149,6 +153,21 @@ def _refused_bytes(message: str) -> int:
     """The bytes XLA's out-of-HBM error quotes ("... HLO temporaries (315.16G) exceeds ..."), or 0."""
     match = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", message)
     return int(float(match.group(1)) * _UNITS[match.group(2)]) if match else 0
+
+
+def count_weight_gathers(hlo: str, params: Any) -> tuple[int, int]:
+    """(all-gathers in compiled `hlo` whose result is one whole decoder-layer weight matrix, how many
+    weight matrices a layer has).
+
+    Under FSDP each layer's weights are gathered once for the forward pass and once for the backward
+    pass (which reruns the forward when rematerialising), so the first number should be at most twice
+    the second; more means XLA gathers some weight again, e.g. in another layout for another matmul.
+    Whole weights are recognised by their element count.
+    """
+    sizes = [math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(params["layers"]) if leaf.ndim >= 3]
+    gathered = [math.prod(int(d) for d in dims.split(",") if d)
+                for dims in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", hlo)]
+    return sum(1 for n in gathered if n in sizes), len(sizes)
 
 
 def _shard_bytes(abstract: Any) -> int:
@@ -211,8 +230,10 @@ def compile_train_step(config, tpu: TpuSlice, name: str = "") -> MemoryReport:
                             refusal=message)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
+    weight_gathers, layer_weights = count_weight_gathers(compiled.as_text(), program.setup.abstract_state.params)
     return MemoryReport(name, tpu, arguments=memory.argument_size_in_bytes, peak=memory.peak_memory_in_bytes,
-                        compile_seconds=seconds, pallas_kernels=pallas_kernels)
+                        compile_seconds=seconds, pallas_kernels=pallas_kernels,
+                        weight_gathers=weight_gathers, layer_weights=layer_weights)
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -229,6 +250,9 @@ def run(config, topology: str = "", name: str = "") -> int:
     print(MemoryReport.HEADER)
     print(report.row())
     print(f"Pallas TPU kernel calls in the step: {report.pallas_kernels}", flush=True)
+    if report.layer_weights:
+        print(f"all-gathers of whole layer weights: {report.weight_gathers} for {report.layer_weights} weight "
+              f"matrices per layer (at most 2 each: forward and backward)", flush=True)
     if not report.fits:
         print(f"does NOT fit: {report.peak / GIB:.1f} GiB per chip needed, "
               f"{tpu.generation.hbm_gib:g} GiB of HBM per {tpu.generation.name} chip", file=sys.stderr)

@@ -64,6 +64,9 @@ def test_shipped_config_compiles_for_its_tpu_slice_and_fits(name):
     assert report.fits, report.row() + " " + report.refusal
     assert 0 < report.arguments < report.peak
     assert report.pallas_kernels > 0, "splash attention fell back to the XLA backend"
+    # FSDP gathers each layer weight once forward and once backward; a third gather (a weight fetched again
+    # in another layout) costs pod bandwidth. It happened once, with the attention projections as 2-D matmuls.
+    assert report.layer_weights == 7 and 0 < report.weight_gathers <= 2 * report.layer_weights, report
 
 
 def test_cli_reports_an_oversized_run_as_not_fitting():
