@@ -177,9 +177,10 @@ def evaluate(args: argparse.Namespace) -> int:
     sampling = sampling_from_args(args)
     model_names = []
     for model_path in args.model:
-        if all(answered_all(layout.outputs(model_name(model_path), t), tasks[t]) for t in test_sets):
-            model_names.append(model_name(model_path))
-            print(f"{model_names[-1]}: every test set already answered (model not loaded)", flush=True)
+        name = model_name(model_path)
+        if all(answered_all(layout.outputs(name, t), tasks[t]) for t in test_sets):
+            model_names.append(name)
+            print(f"{name}: every test set already answered (model not loaded)", flush=True)
             continue
         loaded = load_model(model_path, step=args.step, dtype=args.dtype)
         model_names.append(loaded.name)

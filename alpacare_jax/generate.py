@@ -133,11 +133,15 @@ def _stored(out: Path) -> dict[str, dict]:
     return {json.dumps(r.get("id")): r for r in read_records(out)}
 
 
+def _answers(record: dict, task: Task) -> bool:
+    """Whether a stored output record was written for `task` (same instruction and input under its id)."""
+    return (record.get("instruction"), record.get("input")) == (task.instruction, task.input)
+
+
 def answered_all(out: str | Path, tasks: Sequence[Task]) -> bool:
     """Whether a finished `out` already answers every task, so a caller need not load the model at all."""
     stored = _stored(Path(out))
-    return all(t.key in stored and (stored[t.key].get("instruction"), stored[t.key].get("input"))
-               == (t.instruction, t.input) for t in tasks)
+    return all(t.key in stored and _answers(stored[t.key], t) for t in tasks)
 
 
 def generate_outputs(loaded, tasks: Sequence[Task], out: str | Path, sampling, *, batch_size: int = 16,
@@ -164,7 +168,7 @@ def generate_outputs(loaded, tasks: Sequence[Task], out: str | Path, sampling, *
         done.update({key: {k: v for k, v in r.items() if k != "key"} for key, r in store.records.items()})
         for t in tasks:
             stored = done.get(t.key)
-            if stored is not None and (stored.get("instruction"), stored.get("input")) != (t.instruction, t.input):
+            if stored is not None and not _answers(stored, t):
                 raise DataError(out if t.key not in store else store.path, None, "id",
                                 f"holds another task under id {t.id!r}: was it written for another dataset? "
                                 "Choose another --out or delete it")
