@@ -166,7 +166,7 @@ def count_weight_gathers(hlo: str, params: Any) -> tuple[int, int]:
     """
     sizes = [math.prod(leaf.shape[1:]) for leaf in jax.tree.leaves(params["layers"]) if leaf.ndim >= 3]
     # An all-gather's result: "= bf16[5120,13824]{...} all-gather(", or a tuple of them when XLA combined some.
-    results = re.findall(r"= (\(?[^=]*?\)?) all-gather(?:-start)?\(", hlo)
+    results = re.findall(r"= ([^=]*?) all-gather(?:-start)?\(", hlo)
     gathered = [math.prod(int(d) for d in dims.split(",") if d)
                 for result in results for dims in re.findall(r"\w+\[([\d,]*)\]", result)]
     return sum(1 for n in gathered if n in sizes), len(sizes)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 pytest.importorskip("libtpu", reason="needs the tpu extra (libtpu) to compile for TPU")
@@ -78,3 +80,13 @@ def test_cli_reports_an_oversized_run_as_not_fitting():
     assert result.returncode == 1, result.stdout + result.stderr
     assert "| llama1_13b | v4-16 | 8 |" in result.stdout and "| NO |" in result.stdout
     assert "does NOT fit" in result.stderr
+
+
+def test_weight_gather_count_reads_plain_and_combined_all_gathers():
+    params = {"layers": {"kernel": jax.ShapeDtypeStruct((4, 8, 16), jnp.float32),  # 4 layers of [8, 16]
+                         "scale": jax.ShapeDtypeStruct((4, 8), jnp.float32)}}  # vectors are not counted
+    hlo = ("%a = bf16[8,16]{1,0:T(8,128)(2,1)} all-gather(%x), dimensions={0}\n"
+           "%b = (bf16[2,16]{1,0}, bf16[16,8]{1,0}) all-gather-start(%y)\n"  # combined: operand shard, result
+           "%c = bf16[8,8]{1,0} all-gather(%z)\n"  # not a whole weight
+           "%d = bf16[8,16]{1,0} add(%p, %q)\n")  # not a gather
+    assert aot.count_weight_gathers(hlo, params) == (2, 1)
