@@ -223,14 +223,16 @@ class Server:
         text, stopped = apply_stop(completion.text, stops)
         return completion, text, "stop" if stopped else completion.finish_reason
 
-    def _envelope(self, kind: str, prefix: str, completion: Completion, choice: dict) -> dict:
+    def _head(self, kind: str, prefix: str) -> dict:
         return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
-                "model": self.name, "choices": [choice], "usage": _usage(completion)}
+                "model": self.name}
+
+    def _envelope(self, kind: str, prefix: str, completion: Completion, choice: dict) -> dict:
+        return {**self._head(kind, prefix), "choices": [choice], "usage": _usage(completion)}
 
     def _chunks(self, kind: str, prefix: str, body: dict, completion: Completion, *choices: dict) -> list[dict]:
         """The server-sent events of a streamed answer: one chunk per choice, then usage if asked for."""
-        head = {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
-                "model": self.name}
+        head = self._head(kind, prefix)
         chunks = [{**head, "choices": [choice]} for choice in choices]
         if (body.get("stream_options") or {}).get("include_usage"):
             chunks.append({**head, "choices": [], "usage": _usage(completion)})
