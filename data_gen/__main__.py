@@ -1,10 +1,12 @@
-"""Command line: ``python -m data_gen {instructions,dedup,responses,judge} ...``.
+"""Command line: ``python -m data_gen {instructions,dedup,responses,judge,keywords,contexts} ...``.
 
 The endpoint comes from ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` (or ``--base-url`` /
 ``--api-key``), so any OpenAI-compatible server works. Every API command resumes: rerun
 the same command after a crash or Ctrl-C and it continues where it stopped.
-Exit status: 0 done, 1 unfinished (budget reached, failed requests, fatal API error),
-2 bad input, 130 interrupted.
+Exit status: 0 done, 1 unfinished (budget reached, failed requests, fatal API error; for
+``judge`` also a comparison without any scored verdict), 2 bad input (including input paths
+that are missing, directories or unreadable), 3 (``judge``) reference examples missing from
+the model outputs without ``--allow-missing``, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
-from . import dedup as dedup_mod
+from . import contexts as ctx_mod
 from . import instructions as instr_mod
 from . import judge as judge_mod
+from . import keywords as kw_mod
 from . import responses as resp_mod
 from .client import ClientConfig
 from .errors import DataError, FatalAPIError
@@ -106,12 +110,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-field", help="field holding the reference output, e.g. gpt-4-answer")
     p.add_argument("--model-name", help="default: the outputs' 'generator' field, else the file name")
     p.add_argument("--reference-name", help="default: the reference file's folder name (e.g. gpt-4)")
-    p.add_argument("--test-set", help="default: from the file name (iCliniq / MedInstruct-test)")
+    p.add_argument("--test-set", nargs="+", help="the test set of each --reference file (one name for all, or one "
+                   "each); default: from the file or folder name (iCliniq / MedInstruct-test)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="exit 0 even when reference examples have no model output (they are still listed)")
     j = judge_mod.JudgeConfig()
     p.add_argument("--judge-model", default=j.model)
     p.add_argument("--judge-max-tokens", type=int, default=j.max_tokens)
+    p.add_argument("--judge-max-tokens-cap", type=int, default=j.max_tokens_cap,
+                   help="a verdict cut off by max_tokens is asked again with doubled max_tokens up to this")
     p.add_argument("--annotations", required=True, type=Path, help="annotation cache (JSONL), shared across runs")
     p.add_argument("--summary-dir", type=Path, help="where summaries go (default: next to --annotations)")
+    _api_options(p)
+
+    p = sub.add_parser("keywords", help="medical keywords of multiple-choice questions, locally (no network)")
+    p.add_argument("--in", dest="inputs", required=True, type=Path,
+                   help="questions: JSONL {id, question, options, answer?}, or MedQA / MedMCQA / HEAD-QA files")
+    p.add_argument("--out", required=True, type=Path, help="JSONL {id, keywords, options, answer?, words_total, "
+                   "words_kept, privacy_budget}")
+    p.add_argument("--extractor", choices=["default", "scispacy"], default="default",
+                   help="default: YAKE (no model download); scispacy: entities of --spacy-model (the paper's)")
+    p.add_argument("--spacy-model", default="en_core_sci_sm")
+    p.add_argument("--max-share", type=float, default=kw_mod.MAX_SHARE,
+                   help="at most this share of a question's words become keywords")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("contexts", help="LLM-written context per question from its keywords and options only")
+    p.add_argument("--keywords", required=True, type=Path, help="the output of the keywords command")
+    p.add_argument("--out", required=True, type=Path, help="append-only JSONL {id, overall_context, "
+                   "option_contexts, preliminary_answer, model}; rejected replies go to <out>.rejected.jsonl")
+    c = ctx_mod.ContextConfig()
+    p.add_argument("--model", default=c.model)
+    p.add_argument("--temperature", type=float, default=c.temperature)
+    p.add_argument("--max-tokens", type=int, default=c.max_tokens)
+    p.add_argument("--retry-rejected", action="store_true",
+                   help="request again the questions whose replies were rejected (malformed or truncated)")
     _api_options(p)
     return ap
 
@@ -132,6 +165,9 @@ def cmd_instructions(a: argparse.Namespace) -> int:
 
 
 def cmd_dedup(a: argparse.Namespace) -> int:
+    # imported here, not at the top: rouge_score loads nltk, seconds that the API commands never need
+    from . import dedup as dedup_mod
+
     tasks = [t for path in a.inputs for t in instr_mod.flatten_tasks(path)]
     for i, t in enumerate(tasks):
         if not isinstance(t.get("instruction"), str):
@@ -162,38 +198,76 @@ def cmd_responses(a: argparse.Namespace) -> int:
 
 
 def cmd_judge(a: argparse.Namespace) -> int:
-    comps = []
-    for out in a.outputs:
-        for ref in a.reference:
-            if len(a.outputs) > 1 and len(a.reference) > 1 and (
-                    judge_mod.infer_test_set(out) != judge_mod.infer_test_set(ref)):
-                continue  # pair each outputs file only with references of the same test set
-            comps.append(judge_mod.build_comparison(
-                out, ref, output_field=a.output_field, reference_field=a.reference_field, model_name=a.model_name,
-                reference_name=a.reference_name, test_set=a.test_set))
-    cfg = judge_mod.JudgeConfig(model=a.judge_model, max_tokens=a.judge_max_tokens)
+    comps = judge_mod.build_comparisons(
+        a.outputs, a.reference, test_sets=a.test_set, output_field=a.output_field,
+        reference_field=a.reference_field, model_name=a.model_name, reference_name=a.reference_name)
+    cfg = judge_mod.JudgeConfig(model=a.judge_model, max_tokens=a.judge_max_tokens,
+                                max_tokens_cap=max(a.judge_max_tokens, a.judge_max_tokens_cap))
     summary, results = judge_mod.run_judge(comps, cfg, _settings(a), a.annotations,
                                            a.summary_dir or a.annotations.parent)
+    status = _report(summary)
     for s in results:
-        print(f"{s['model']} vs {s['reference_model']} on {s['test_set']}: win rate {s['win_rate']:.1f} "
-              f"+- {s['stderr']:.1f} ({s['n_examples']} examples, {s['n_unparseable']} unparseable, "
-              f"{s['n_missing']} missing) -> {s['summary_file']}")
+        print(f"{s.line()} -> {judge_mod.summary_path(a.summary_dir or a.annotations.parent, s)}")
+        if s.n_missing:
+            shown = ", ".join(s.missing_ids[:20]) + (", ..." if s.n_missing > 20 else "")
+            print(f"{s.model} vs {s.reference_model} on {s.test_set}: {s.n_missing} of {s.n_reference} reference "
+                  f"examples have no model output (ids: {shown})", file=sys.stderr)
+    if any(s.n_examples == 0 for s in results) and status == 0:
+        print("error: a comparison has no scored verdict at all; its win rate is undefined", file=sys.stderr)
+        status = 1
+    if any(s.n_missing for s in results) and not a.allow_missing and status == 0:
+        print("error: reference examples are missing from the model outputs (the win rates above are over "
+              "the others); pass --allow-missing to accept that", file=sys.stderr)
+        status = 3
+    return status
+
+
+# The HTTP transport family: openai and whichever httpx/httpcore generation it uses (httpx2,
+# httpcore2.connection, ...), h11, h2. Matched by name when a record is emitted, so loggers
+# created after this module (or renamed by a new transport release) are covered too.
+_TRANSPORT = re.compile(r"^(openai|httpx|httpcore|h11|h2|hpack)[\w]*(\.|$)")
+
+
+def quiet_transport(record: logging.LogRecord) -> bool:
+    """Drop the transport's records below WARNING: its debug lines show request details, even with -v."""
+    return record.levelno >= logging.WARNING or not _TRANSPORT.match(record.name)
+
+
+def cmd_keywords(a: argparse.Namespace) -> int:
+    extractor = kw_mod.make_extractor(a.extractor, a.spacy_model)
+    totals = kw_mod.run(a.inputs, a.out, extractor, a.max_share, progress=not a.no_progress)
+    s = totals.summary()
+    print(f"{s['questions']} questions: {s['words_kept']} of {s['words_total']} question words kept as keywords, "
+          f"privacy budget {s['privacy_budget']:.1%} (per question in {a.out})", file=sys.stderr)
+    print(json.dumps(s), file=sys.stderr)
+    return 0
+
+
+def cmd_contexts(a: argparse.Namespace) -> int:
+    cfg = ctx_mod.ContextConfig(model=a.model, temperature=a.temperature, max_tokens=a.max_tokens)
+    summary, counts = ctx_mod.generate(a.keywords, a.out, cfg, _settings(a), retry_rejected=a.retry_rejected)
+    print(json.dumps(counts), file=sys.stderr)
     return _report(summary)
 
 
-COMMANDS = {"instructions": cmd_instructions, "dedup": cmd_dedup, "responses": cmd_responses, "judge": cmd_judge}
+COMMANDS = {"instructions": cmd_instructions, "dedup": cmd_dedup, "responses": cmd_responses, "judge": cmd_judge,
+            "keywords": cmd_keywords, "contexts": cmd_contexts}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("openai", "httpx", "httpx2", "httpcore"):  # their debug logs show request details
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet_transport)
     try:
         return COMMANDS[args.command](args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the checks did not foresee (e.g. an output folder that is a file)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except FatalAPIError as e:
         print(f"error: {e}", file=sys.stderr)

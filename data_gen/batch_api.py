@@ -52,13 +52,17 @@ def _worst_case(meter: CostMeter, job: Job) -> float:
 
 
 def run_batch(pending: Sequence[Job], store: JsonlStore, to_record: ToRecord, settings: RunSettings,
-              meter: CostMeter, summary: RunSummary, *, desc: str = "batch") -> None:
+              meter: CostMeter, summary: RunSummary, errors: ErrorLog, *, desc: str = "batch") -> None:
+    """Submit the pending jobs no stored batch covers, then collect every open batch into ``store``.
+
+    ``to_record`` is called with ``can_retry=False``: a result that would need another round
+    (a truncated judge verdict) is stored as provisional, and the next call sends it again.
+    """
     cfg = settings.client
     client = openai.OpenAI(api_key=cfg.resolved_key(), base_url=cfg.resolved_base_url(),
                            timeout=cfg.timeout, max_retries=cfg.max_attempts)
     spath = state_path(store)
     state = _load_state(spath)
-    errors = ErrorLog(store.path)
     jobs = {j.request_id: j for j in pending}
     covered = {rid for b in state["batches"] if not b["collected"] for rid in b["request_ids"]}
     new = [j for j in pending if j.request_id not in covered]
@@ -117,11 +121,10 @@ def _collect(text: str, jobs: dict[str, Job], store: JsonlStore, to_record: ToRe
             continue
         obj = json.loads(line)
         rid = obj.get("custom_id")
-        if rid in store:
-            continue
         job = jobs.get(rid)
         if job is None:
-            log.warning("batch result %r matches no job of this run; ignored", rid)
+            if rid not in store:  # else collected by a run killed before it marked the batch collected
+                log.warning("batch result %r matches no job of this run; ignored", rid)
             continue
         resp = obj.get("response") or {}
         if resp.get("status_code") != 200:

@@ -3,14 +3,16 @@
 The request is the instruction, then the input if there is one (AlpaCare's scheme). About
 57% of the gpt-4 / gpt-3.5 answers in AlpaCare's MedInstruct-test end mid-sentence because
 ``finish_reason == "length"`` was never checked. Here a truncated answer is requested again
-with twice the ``max_tokens`` (up to ``max_tokens_cap``); if it is still truncated it is
-stored flagged ``truncated: true`` and left out of the exported dataset, never silently kept.
+with twice the ``max_tokens`` of the attempt that was cut off (1024, 2048, 4096, ... up to
+``max_tokens_cap``); if it is still truncated it is stored flagged ``truncated: true`` with the
+``max_tokens`` it was cut at, and left out of the exported dataset, never silently kept.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,22 +66,19 @@ def make_jobs(tasks: list[dict], cfg: ResponseConfig) -> list[Job]:
 
 def make_to_record(cfg: ResponseConfig):
     def to_record(job: Job, completion: Completion, can_retry: bool) -> dict | Retry:
+        # job.body is the attempt that produced this completion: doubling it grows from the last attempt
+        max_tokens = int(job.body["max_tokens"])
         truncated = completion.finish_reason == "length"
-        if truncated and can_retry and job_max_tokens(job, completion) < cfg.max_tokens_cap:
-            return Retry(body={**job.body, "max_tokens": min(cfg.max_tokens_cap, 2 * job_max_tokens(job, completion))})
+        if truncated and can_retry and max_tokens < cfg.max_tokens_cap:
+            return Retry(body={**job.body, "max_tokens": min(cfg.max_tokens_cap, 2 * max_tokens)})
         t = job.meta["task"]
         rec = {"request_id": job.request_id, "instruction": t["instruction"],
                "input": t.get("input") or NO_INPUT, "output": completion.content,
                **{k: t[k] for k in METADATA if k in t},
-               "finish_reason": completion.finish_reason, "truncated": truncated,
+               "finish_reason": completion.finish_reason, "truncated": truncated, "max_tokens": max_tokens,
                "model": completion.model, "usage": completion.usage(), "attempts": completion.attempts}
         return rec
     return to_record
-
-
-def job_max_tokens(job: Job, completion: Completion) -> int:
-    """The max_tokens the truncated answer was produced under (at least its length)."""
-    return max(int(job.body.get("max_tokens") or 0), completion.completion_tokens)
 
 
 def generate(tasks_file: str | Path, out: str | Path, cfg: ResponseConfig, settings: RunSettings,
@@ -94,17 +93,20 @@ def generate(tasks_file: str | Path, out: str | Path, cfg: ResponseConfig, setti
 
 def export_dataset(jobs: list[Job], store: JsonlStore, path: str | Path) -> dict:
     """Write the MedInstruct-52k-format JSON list, in input order; truncated answers left out."""
-    data, truncated, missing = [], 0, 0
+    data, missing = [], 0
+    truncated_at: Counter[str] = Counter()  # max_tokens the still-truncated answers were cut at
     for j in jobs:
         rec = store.get(j.request_id)
         if rec is None:
             missing += 1
         elif rec["truncated"]:
-            truncated += 1
+            truncated_at[str(rec.get("max_tokens", "unknown"))] += 1
         else:
             data.append({"instruction": rec["instruction"], "input": rec["input"], "output": rec["output"],
                          **{k: rec[k] for k in METADATA if k in rec}})
     write_json_atomic(path, data)
-    if truncated:
-        log.warning("%d answers were still truncated at the max_tokens cap; left out of %s", truncated, path)
+    truncated = sum(truncated_at.values())
+    if truncated:  # says the max_tokens each was really cut at, so the message is true whatever the cap
+        at = ", ".join(f"{n} at {mt}" for mt, n in sorted(truncated_at.items()))
+        log.warning("%d answers were still truncated (max_tokens: %s); left out of %s", truncated, at, path)
     return {"exported": len(data), "truncated_left_out": truncated, "missing": missing}

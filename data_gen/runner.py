@@ -3,10 +3,11 @@
 A command describes its work as ``Job``s (a stable ``request_id`` plus the request body) and
 a ``to_record`` function turning a finished completion into the record to store (or a
 ``Retry`` with a new body, e.g. more ``max_tokens`` for a truncated answer). This module
-does the rest the same way for every command: skip ids already stored (resume), run with
-bounded concurrency, store each record the moment it is done, log failures to a side file
-(they are retried by the next run, never stored as results), show progress, stop cleanly
-at the budget.
+does the rest the same way for every command: skip ids already stored (resume; an
+``is_done`` predicate may declare a stored record provisional, so it is requested again),
+run with bounded concurrency, store each record the moment it is done, keep a side file
+of the requests that are still failed (retried by the next run, never stored as results),
+show progress, stop cleanly at the budget.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,7 +26,7 @@ from tqdm import tqdm
 from .client import ClientConfig, Completion, LLMClient, RequestFailed
 from .accounting import CostMeter
 from .errors import BudgetExceeded, FatalAPIError
-from .store import JsonlStore
+from .store import JsonlStore, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,15 @@ class Retry:
     body: dict
 
 
-# to_record(job, completion, can_retry) -> record dict or Retry
+# to_record(job, completion, can_retry) -> record dict or Retry. ``job.body`` is the body that
+# produced ``completion`` (after a Retry, the retried one), so a retry can grow from the last attempt.
 ToRecord = Callable[[Job, Completion, bool], "dict | Retry"]
+# is_done(stored record) -> False when the record is provisional and its request must be sent again
+IsDone = Callable[[dict], bool]
+
+
+def always_done(record: dict) -> bool:
+    return True
 
 
 @dataclass
@@ -62,6 +71,13 @@ class RunSummary:
     @property
     def finished(self) -> bool:
         return self.stopped_reason is None and self.failed == 0
+
+    def then(self, later: RunSummary) -> RunSummary:
+        """This run followed by a round that asked some of its records again (a batch of re-asked verdicts)."""
+        usage = {k: self.usage.get(k, 0) + later.usage.get(k, 0) for k in {*self.usage, *later.usage}}
+        return RunSummary(total=self.total, already_done=self.already_done, completed=self.completed,
+                          failed=later.failed, stopped_reason=later.stopped_reason,
+                          seconds=self.seconds + later.seconds, usage=usage)
 
     def line(self) -> str:
         u = self.usage
@@ -82,7 +98,9 @@ class RunSettings:
     price_out: float | None = None
     batch_api: bool = False
     batch_poll_seconds: float = 30.0
-    max_retries_per_job: int = 3  # Retry() rounds (e.g. more max_tokens), not HTTP retries
+    # Retry() rounds (e.g. doubling max_tokens), not HTTP retries: a safety bound only, since each
+    # command's to_record stops retrying at its own cap; 8 doublings cover a 256x growth
+    max_retries_per_job: int = 8
     progress: bool = True
 
     def meter(self) -> CostMeter:
@@ -94,7 +112,12 @@ class RunSettings:
 
 
 class ErrorLog:
-    """Failed requests go to ``<store>.errors.jsonl``: visible, and retried by the next run."""
+    """``<store>.errors.jsonl``: the requests that failed and are not done yet, retried by the next run.
+
+    It lists what is still to do, not a history: ``prune`` (at the start and end of every run)
+    drops the requests that a later run has since completed and keeps one line, the latest
+    error, per request.
+    """
 
     def __init__(self, store_path: Path):
         self.path = store_path.with_name(store_path.name + ".errors.jsonl")
@@ -105,33 +128,63 @@ class ErrorLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"request_id": request_id, "error": error, "time": time.time()}) + "\n")
 
+    def prune(self, done: Callable[[str], bool]) -> None:
+        """Rewrite the file without the requests ``done`` says are finished (removed when none is left)."""
+        if not self.path.exists():
+            return
+        latest = {e.get("request_id"): e for e in read_jsonl(self.path, allow_partial_tail=True)}
+        keep = [e for rid, e in latest.items() if not (isinstance(rid, str) and done(rid))]
+        if not keep:
+            self.path.unlink()
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def stored_and_done(store: JsonlStore, is_done: IsDone) -> Callable[[str], bool]:
+    """Whether a request id has a final record in ``store``."""
+    def done(request_id: str) -> bool:
+        record = store.get(request_id)
+        return record is not None and is_done(record)
+    return done
+
 
 def run_jobs(jobs: Sequence[Job], store: JsonlStore, to_record: ToRecord, settings: RunSettings,
-             *, desc: str = "requests") -> RunSummary:
-    """Run every job not yet in ``store``; returns what happened. Live or Batch API per settings."""
+             *, desc: str = "requests", is_done: IsDone = always_done) -> RunSummary:
+    """Run every job without a final record in ``store``; returns what happened. Live or Batch API per settings.
+
+    A record ``is_done`` rejects is sent again and its new record supersedes it (the store must
+    be opened with ``superseding=True``).
+    """
     ids = [j.request_id for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("request ids are not unique")
-    pending = [j for j in jobs if j.request_id not in store]
+    done = stored_and_done(store, is_done)
+    pending = [j for j in jobs if not done(j.request_id)]
+    if not store.superseding and any(j.request_id in store for j in pending):
+        raise ValueError(f"{store.path}: provisional records need a store opened with superseding=True")
     summary = RunSummary(total=len(jobs), already_done=len(jobs) - len(pending))
     meter = settings.meter()
+    errors = ErrorLog(store.path)
+    errors.prune(done)  # a run killed before its end leaves entries its records have since made stale
     start = time.monotonic()
     try:
         if settings.batch_api:
             from .batch_api import run_batch
-            run_batch(pending, store, to_record, settings, meter, summary, desc=desc)
+            run_batch(pending, store, to_record, settings, meter, summary, errors, desc=desc)
         else:
-            asyncio.run(_run_live(pending, store, to_record, settings, meter, summary, desc))
+            asyncio.run(_run_live(pending, store, to_record, settings, meter, summary, errors, desc))
     finally:
         summary.seconds = time.monotonic() - start
         summary.usage = meter.summary()
+        errors.prune(done)
     return summary
 
 
 async def _run_live(pending: Sequence[Job], store: JsonlStore, to_record: ToRecord, settings: RunSettings,
-                    meter: CostMeter, summary: RunSummary, desc: str) -> None:
+                    meter: CostMeter, summary: RunSummary, errors: ErrorLog, desc: str) -> None:
     client = LLMClient(settings.client, meter)
-    errors = ErrorLog(store.path)
     queue: asyncio.Queue[Job] = asyncio.Queue()
     for j in pending:
         queue.put_nowait(j)
@@ -144,13 +197,12 @@ async def _run_live(pending: Sequence[Job], store: JsonlStore, to_record: ToReco
                 job = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            body = job.body
             try:
                 for round_ in range(settings.max_retries_per_job + 1):
-                    completion = await client.chat(job.request_id, body)
+                    completion = await client.chat(job.request_id, job.body)
                     out = to_record(job, completion, round_ < settings.max_retries_per_job)
                     if isinstance(out, Retry):
-                        body = out.body
+                        job = replace(job, body=out.body)  # the next to_record sees the body it answers
                         continue
                     store.append(out)
                     summary.completed += 1

@@ -16,7 +16,16 @@ timeouts (the server sleeps past the client's timeout and bills nothing) and mal
 The answers are deterministic functions of the prompt, recognisable by tests:
 instruction-generation prompts (they mention ``Instruction:`` and ``###``) get tasks in the
 ``###`` format, judge prompts (``Output (a)``/``Output (b)``) get a verdict (the longer
-output wins), anything else gets an answer whose length is derived from a hash.
+output wins, or the reply of a ``judge(output_a, output_b)`` function a test gives), contextual
+prompts (they end with ``Context:``) get a context in the layout ``contexts`` parses,
+supporting the option a ``context_rule`` picks, anything else gets an answer whose length is
+derived from a hash. A token is a word. Servers seen in use are imitated by options:
+``truncate_all`` (every reply cut off, ``finish_reason: "length"``) and ``usage=False`` (no
+``usage`` in the body). The ledger records each billed request's ``max_tokens``.
+
+``request_check`` sees the body of every chat request (live and batch) before it is
+answered; an ``AssertionError`` it raises is kept in ``violations`` (a live request then
+gets a 400). ``PrivacyGuard`` is such a check.
 
 Run standalone (benchmarks): ``python fake_openai_server.py --latency 0.05 --rpm 6000``
 prints ``PORT <n>`` and serves until killed or ``--lifetime`` seconds pass.
@@ -34,6 +43,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -88,10 +98,57 @@ def fake_tasks(prompt: str, n: int) -> str:
     return "###\n" + "\n###\n".join(blocks) + "\n###"
 
 
-def fake_answer(messages: list[dict], max_tokens: int | None) -> tuple[str, str]:
+# context_rule(keywords, options) -> index of the option the written context supports, or None.
+ContextRule = Callable[[list[str], list[str]], "int | None"]
+MALFORMED_MARK = "[malformed]"  # a keyword with this mark gets a reply missing its option lines
+
+
+def default_context_rule(keywords: list[str], options: list[str]) -> int | None:
+    return _h("|".join(keywords)) % len(options)
+
+
+def parse_context_prompt(text: str) -> tuple[list[str], list[str]]:
+    """(keywords, options) of the last question in a contextual prompt (after the demonstrations)."""
+    query = text.rsplit("Question Keywords:", 1)[1]
+    kw_line, rest = query.split("\nCandidate Answers:", 1)
+    answers = rest.rsplit("\nContext:", 1)[0]
+    options = [o.strip() for o in re.split(r"\(([a-j])\)\s", answers)[2::2]]
+    return [k.strip() for k in kw_line.split(",") if k.strip()], options
+
+
+def fake_context(text: str, rule: ContextRule | None) -> str:
+    """A context in the layout ``data_gen.contexts`` parses; the option ``rule`` picks is 'supported'."""
+    keywords, options = parse_context_prompt(text)
+    pick = (rule or default_context_rule)(keywords, options)
+    shown = ", ".join(keywords) or "none"
+    overall = f"Overall: The keywords ({shown}) describe the case."
+    if pick is not None:
+        overall += f" They point to {options[pick]}."
+    lines = [overall]
+    for i, o in enumerate(options):
+        verdict = ("supported: it is the established explanation of these findings" if i == pick
+                   else "not supported: it is not associated with these findings")
+        lines.append(f"({'abcdefghij'[i]}) {o}: This answer is {verdict}.")
+    if any(MALFORMED_MARK in k for k in keywords):
+        lines = lines[:1] + lines[3:]  # options (a) and (b) missing
+    label = f"({'abcdefghij'[pick]})" if pick is not None else "uncertain"
+    return "\n".join(lines + [f"Preliminary answer: {label}"])
+
+
+_JUDGE_OUTPUTS = re.compile(r"## Output \(a\)\n(?P<a>.*?)\n\n## Output \(b\)\n(?P<b>.*?)\n\n## Your verdict", re.DOTALL)
+JudgeFn = Callable[[str, str], str]  # (output a, output b) as shown to the judge -> the judge's reply
+
+
+def fake_answer(messages: list[dict], max_tokens: int | None, judge: JudgeFn | None = None,
+                truncate_all: bool = False, context_rule: ContextRule | None = None) -> tuple[str, str]:
     """(content, finish_reason) for a chat request."""
     text = "\n".join(str(m.get("content", "")) for m in messages)
-    if "Output (a)" in text and "Output (b)" in text:
+    shown = _JUDGE_OUTPUTS.search(text)
+    if judge is not None and shown:
+        content = judge(shown.group("a"), shown.group("b"))
+    elif "Question Keywords:" in text and text.rstrip().endswith("Context:"):
+        content = fake_context(text, context_rule)
+    elif "Output (a)" in text and "Output (b)" in text:
         a = text.split("Output (a)", 1)[1].split("Output (b)", 1)[0]
         b = text.split("Output (b)", 1)[1].split("\n## ", 1)[0]
         verdict = "Tie" if len(a) == len(b) else ("Output (a)" if len(a) > len(b) else "Output (b)")
@@ -106,14 +163,16 @@ def fake_answer(messages: list[dict], max_tokens: int | None) -> tuple[str, str]
     words = _words(content)
     if max_tokens is not None and len(words) > max_tokens:
         return " ".join(words[:max_tokens]), "length"
-    return content, "stop"
+    return content, "length" if truncate_all else "stop"
 
 
-def completion_body(body: dict) -> dict:
+def completion_body(body: dict, judge: JudgeFn | None = None, truncate_all: bool = False,
+                    usage: bool = True, context_rule: ContextRule | None = None) -> dict:
     messages = body.get("messages", [])
-    content, finish = fake_answer(messages, body.get("max_tokens") or body.get("max_completion_tokens"))
+    content, finish = fake_answer(messages, body.get("max_tokens") or body.get("max_completion_tokens"), judge,
+                                  truncate_all, context_rule)
     prompt_tokens = sum(len(_words(str(m.get("content", "")))) for m in messages)
-    return {
+    out = {
         "id": "chatcmpl-" + uuid.uuid4().hex[:20],
         "object": "chat.completion",
         "created": int(time.time()),
@@ -123,6 +182,9 @@ def completion_body(body: dict) -> dict:
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(_words(content)),
                   "total_tokens": prompt_tokens + len(_words(content))},
     }
+    if not usage:
+        del out["usage"]
+    return out
 
 
 @dataclass
@@ -152,12 +214,19 @@ class FakeOpenAI:
 
     def __init__(self, *, latency: float = 0.0, rpm: float | None = None,
                  faults: Faults | None = None, lifetime: float = 300.0, batch_delay: float = 0.2,
-                 require_key: str | None = None):
+                 require_key: str | None = None, judge: JudgeFn | None = None, truncate_all: bool = False,
+                 usage: bool = True, context_rule: ContextRule | None = None,
+                 request_check: Callable[[dict], None] | None = None):
         self.latency = latency
+        self.judge, self.truncate_all, self.usage = judge, truncate_all, usage
         self.require_key = require_key  # when set, other keys get 401
         self.faults = faults or Faults()
         self.lifetime = lifetime
         self.batch_delay = batch_delay
+        self.context_rule = context_rule
+        self.request_check = request_check
+        self.violations: list[str] = []  # AssertionErrors raised by request_check
+        self.checked = 0  # chat requests request_check has passed or failed
         self._bucket = _Bucket(rpm) if rpm else None
         self._rng = random.Random(self.faults.seed)
         self._lock = threading.Lock()
@@ -199,7 +268,7 @@ class FakeOpenAI:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "FakeOpenAI":
+    def __enter__(self) -> FakeOpenAI:
         self.start()
         return self
 
@@ -219,6 +288,9 @@ class FakeOpenAI:
             out["billed"] = sum(1 for e in self.ledger if e["status"] == "ok")
             return out
 
+    def completion(self, body: dict) -> dict:
+        return completion_body(body, self.judge, self.truncate_all, self.usage, self.context_rule)
+
     def draw_fault(self) -> str | None:
         f = self.faults
         with self._lock:
@@ -235,6 +307,21 @@ class FakeOpenAI:
         with self._lock:
             return not self._bucket.take()
 
+    def check(self, body: dict) -> bool:
+        """Run ``request_check`` on a chat request body; False (and the reason kept) if it fails."""
+        if self.request_check is None:
+            return True
+        try:
+            self.request_check(body)
+            return True
+        except AssertionError as e:
+            with self._lock:
+                self.violations.append(str(e))
+            return False
+        finally:
+            with self._lock:
+                self.checked += 1
+
     # ------------------------------------------------------------------ batches
     def run_batch(self, batch_id: str) -> None:
         time.sleep(self.batch_delay)
@@ -246,8 +333,10 @@ class FakeOpenAI:
             if not line.strip():
                 continue
             req = json.loads(line)
-            body = completion_body(req["body"])
-            self.record(request_id=req["custom_id"], run="batch", status="ok", kind="batch")
+            self.check(req["body"])
+            body = self.completion(req["body"])
+            self.record(request_id=req["custom_id"], run="batch", status="ok", kind="batch",
+                        max_tokens=req["body"].get("max_tokens"))
             out_lines.append(json.dumps({
                 "id": "batch_req_" + uuid.uuid4().hex[:12], "custom_id": req["custom_id"],
                 "response": {"status_code": 200, "request_id": uuid.uuid4().hex, "body": body},
@@ -388,13 +477,67 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except json.JSONDecodeError:
             return self._error(400, "body is not JSON")
+        if not fake.check(body):
+            fake.record(request_id=rid, run=run, status="refused", kind="live")
+            return self._error(400, "request refused by request_check")
         if fault == "malformed":
             fake.record(request_id=rid, run=run, status="malformed", kind="live")
-            broken = completion_body(body)
+            broken = fake.completion(body)
             broken["choices"] = []
             return self._send(200, broken)
-        fake.record(request_id=rid, run=run, status="ok", kind="live")
-        self._send(200, completion_body(body))
+        fake.record(request_id=rid, run=run, status="ok", kind="live", max_tokens=body.get("max_tokens"))
+        self._send(200, fake.completion(body))
+
+
+class PrivacyGuard:
+    """A ``request_check``: no request may carry a run of ``n`` consecutive words of a protected question
+    unless the run lies inside one keyword of that question, nor any planted identifier.
+
+    Words are lower-case letter/digit runs. In the request, a run of words is broken by any
+    punctuation (the comma between two keywords, the parenthesis before an option label), so
+    neighbouring keywords do not count as one run; in the question, punctuation is ignored,
+    which makes the check stricter. An identifier counts as present when its words appear
+    consecutively anywhere in the request, punctuation ignored.
+
+    ``fixed_text``: parts of the prompt that are the same for every question (instruction,
+    demonstrations). They are cut out, where they occur verbatim, before the word-run check:
+    a question that happens to share four words with them sends nothing of itself.
+    """
+
+    def __init__(self, questions: Sequence[tuple[str, Sequence[str]]], identifiers: Sequence[str] = (),
+                 n: int = 4, fixed_text: Sequence[str] = ()):
+        self.n = n
+        self.fixed_text = [t for t in fixed_text if t]
+        self.forbidden: dict[tuple[str, ...], str] = {}  # n-gram -> the question it comes from
+        for question, keywords in questions:
+            allowed = {g for k in keywords for g in self._ngrams(self._tokens(k))}
+            for g in self._ngrams(self._tokens(question)):
+                if g not in allowed:
+                    self.forbidden.setdefault(g, question[:60])
+        self.identifiers = [(ident, tuple(self._tokens(ident))) for ident in identifiers]
+        assert all(toks for _, toks in self.identifiers), "an identifier without words cannot be checked"
+
+    @staticmethod
+    def _tokens(text: str) -> list[str]:
+        return re.findall(r"[a-z0-9]+", text.lower())
+
+    def _ngrams(self, toks: list[str]) -> set[tuple[str, ...]]:
+        return {tuple(toks[i:i + self.n]) for i in range(len(toks) - self.n + 1)}
+
+    def __call__(self, body: dict) -> None:
+        text = "\n".join(str(m.get("content", "")) for m in body.get("messages", []))
+        variable = text
+        for fixed in self.fixed_text:
+            variable = variable.replace(fixed, "\n")
+        for segment in re.split(r"[^\w\s'’-]|\n", variable):
+            for g in self._ngrams(self._tokens(segment)):
+                assert g not in self.forbidden, (
+                    f"request carries {' '.join(g)!r} of the question {self.forbidden[g]!r}...")
+        toks = self._tokens(text)
+        for ident, it in self.identifiers:
+            k = len(it)
+            assert not any(tuple(toks[i:i + k]) == it for i in range(len(toks) - k + 1)), (
+                f"request carries the identifier {ident!r}")
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ from data_gen.accounting import CostMeter, Price
 from data_gen.client import ClientConfig, LLMClient, RequestFailed
 from data_gen.errors import BudgetExceeded, FatalAPIError
 from data_gen.store import JsonlStore
-from conftest import FAST, TEST_KEY, Faults, run_cli
+from tests.data_gen.fake_openai_server import Faults
+from tests.data_gen.harness import FAST, TEST_KEY, run_cli
 
 BODY = {"model": "gpt-3.5-turbo", "messages": [{"role": "user", "content": "What is anemia?"}], "max_tokens": 200}
 

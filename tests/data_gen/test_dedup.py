@@ -16,7 +16,7 @@ from rouge_score import rouge_scorer
 
 from data_gen.dedup import deduplicate, rouge_tokenize
 from data_gen.synthetic import variants
-from conftest import REPO
+from tests.data_gen.harness import REPO
 
 
 def rouge_f(a: list[str], b: list[str]) -> float:

@@ -15,7 +15,8 @@ import sys
 import time
 from collections import Counter
 
-from conftest import FAST, Faults, cli_env
+from tests.data_gen.fake_openai_server import Faults
+from tests.data_gen.harness import FAST, cli_env
 
 N = 300
 CONCURRENCY = 8

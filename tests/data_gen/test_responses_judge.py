@@ -12,8 +12,8 @@ import time
 import pytest
 
 from data_gen.errors import DataError
-from data_gen.judge import load_outputs, match_examples, parse_verdict, win_rate
-from conftest import FAST, cli_env, run_cli
+from data_gen.judge import Example, build_comparison, load_outputs, match_examples, parse_verdict, win_rate
+from tests.data_gen.harness import FAST, cli_env, run_cli
 
 MODELS = ("claude-2", "gpt-3.5-turbo", "gpt-4", "text-davinci-003")
 
@@ -64,7 +64,9 @@ def test_reads_every_alpacare_reference_file(alpacare_data):
         for m, ex in loaded.items():
             assert len(ex) == n and all(e.output.strip() for e in ex), m
         # claude-2's iCliniq file has only a Human/Assistant prompt: it still matches gpt-4's records
-        pairs = match_examples(loaded["claude-2"], loaded["gpt-4"], "claude", "gpt-4")
+        matching = match_examples(loaded["claude-2"], loaded["gpt-4"])
+        pairs = matching.pairs
+        assert not matching.unmatched and not matching.missing
         assert [a.index for a, b in pairs] == [b.index for a, b in pairs] == list(range(n))
     test = load_outputs(alpacare_data / "MedInstruct-test.jsonl", "gpt-4-answer")
     assert len(test) == 216 and test[5].id == "5"
@@ -79,12 +81,22 @@ def test_matching_by_text_then_id_and_clear_error(alpacare_data, tmp_path):
              "generator": "m"} for i, e in enumerate(ref)][::-1]  # other order, case and spacing
     rows[0] = {**rows[0], "instruction": "You are a doctor. " + ref[rows[0]["id"]].instruction}  # extra header
     (tmp_path / "m.json").write_text(json.dumps(rows))
-    pairs = match_examples(load_outputs(tmp_path / "m.json"), ref, "m.json", ref_path)
-    assert all(int(m.id) == r.index for m, r in pairs)
+    matching = match_examples(load_outputs(tmp_path / "m.json"), ref)
+    assert all(int(m.id) == r.index for m, r in matching.pairs) and len(matching.pairs) == len(ref)
     rows[7] = {**rows[7], "id": "x", "instruction": "Something never asked"}
     (tmp_path / "m.json").write_text(json.dumps(rows))
     with pytest.raises(DataError, match=r"m.json, record 7, field 'instruction': matches no"):
-        match_examples(load_outputs(tmp_path / "m.json"), ref, tmp_path / "m.json", ref_path)
+        build_comparison(tmp_path / "m.json", ref_path)
+
+
+def test_matching_by_contained_text_without_ids(alpacare_data):
+    """AlpaCare's iCliniq outputs put a fixed header in the instruction and the question in the input."""
+    ref = load_outputs(alpacare_data / "reference_outputs" / "gpt-4" / "iCliniq_output.jsonl")
+    header = "If you are a doctor, please answer the medical questions based on the patient's description."
+    model = [Example(instruction=header, input=r.input, output="x", index=i) for i, r in enumerate(ref[::-1])]
+    matching = match_examples(model[:-3], ref)
+    assert not matching.unmatched and [r.index for r in matching.missing] == [0, 1, 2]
+    assert all(m.input == r.input for m, r in matching.pairs) and len(matching.pairs) == len(ref) - 3
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -109,7 +121,7 @@ def test_win_rate_math():
     mu = sum(means) / 3
     assert wr.win_rate == pytest.approx(100 * mu)
     assert wr.stderr == pytest.approx(100 * math.sqrt(sum((x - mu) ** 2 for x in means) / 2) / math.sqrt(3))
-    assert (wr.wins, wr.ties, wr.losses, wr.n_unparseable, wr.n_examples) == (2, 2, 1, 1, 3)
+    assert (wr.wins, wr.ties, wr.losses, wr.n_unparseable, wr.n_examples, wr.n_truncated) == (2, 2, 1, 1, 3, 0)
 
 
 def test_judge_end_to_end_with_cache(fake_server, tmp_path, alpacare_data):
