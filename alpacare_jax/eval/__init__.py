@@ -1,0 +1,1 @@
+"""Evaluation: free-form judge table, benchmark suite, human study."""
