@@ -2,6 +2,6 @@
 
 from alpacare_jax.model.config import PRESETS, LlamaConfig, RopeScaling
 from alpacare_jax.model.decode import SamplingConfig, generate
-from alpacare_jax.model.llama import KVCache, Llama
+from alpacare_jax.model.llama import KVCache, Llama, LlamaForScoring
 
-__all__ = ["PRESETS", "KVCache", "Llama", "LlamaConfig", "RopeScaling", "SamplingConfig", "generate"]
+__all__ = ["PRESETS", "KVCache", "Llama", "LlamaConfig", "LlamaForScoring", "RopeScaling", "SamplingConfig", "generate"]

@@ -178,8 +178,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMa
     """Pallas splash attention (TPU; `interpret=True` runs the kernel's semantics anywhere, for tests).
 
     `block_size` is the largest query/key tile (512, as MaxText: smaller tiles skip more of the masked
-    upper triangle but pay more per-tile overhead); lengths it does not divide get the largest power of
-    two that does.
+    upper triangle but pay more per-tile overhead); lengths it does not divide get the largest multiple of
+    128 below it that does (e.g. 384 for 1152 tokens).
 
     Only for causal self-attention over a multiple of 128 tokens (training, cache-less prefill). With a
     KV cache the queries are a window into a longer buffer, which the static causal mask cannot

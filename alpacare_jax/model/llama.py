@@ -169,8 +169,8 @@ class DecoderLayer(nnx.Module):
         return x, cache_kv
 
 
-class Llama(nnx.Module):
-    """Causal LM: `model(input_ids)` -> float32 logits [batch, length, vocab]."""
+class LlamaBackbone(nnx.Module):
+    """The decoder stack shared by every head: token embeddings, scanned layers, final norm."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -183,33 +183,6 @@ class Llama(nnx.Module):
 
         self.layers = make_layers(rngs)
         self.norm = RMSNorm(config, rngs=rngs)
-        if not config.tie_word_embeddings:
-            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), config)
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        *,
-        positions: jax.Array | None = None,
-        segment_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Float32 logits for `input_ids` [batch, length] (and the updated cache when given one).
-
-        `positions` (rotary positions, restarting per packed example) default to 0..length-1 (after the
-        cache's filled slots when decoding). `segment_ids` number packed examples 1, 2, ... and mark
-        padding with 0; attention stays inside a segment. With `cache`, the new keys/values are written
-        at `cache.index` and `(logits, updated_cache)` is returned.
-        """
-        hidden, new_cache = self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids, cache=cache)
-        head = self.head_weight().astype(self.config.dtype)
-        logits = jnp.einsum("ble,ev->blv", hidden, head, preferred_element_type=jnp.float32)
-        logits = constrain(logits, ("batch", "length", "vocab"))
-        return logits if cache is None else (logits, new_cache)
-
-    def head_weight(self) -> jax.Array:
-        """The [embed, vocab] output projection (the transposed embedding when tied)."""
-        return self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
     def hidden_states(
         self,
@@ -261,3 +234,62 @@ class Llama(nnx.Module):
             k=new_cache_kv[0], v=new_cache_kv[1], segment_ids=kv_segment_ids, index=cache_index + length
         )
         return x, new_cache
+
+
+class Llama(LlamaBackbone):
+    """Causal LM: `model(input_ids)` -> float32 logits [batch, length, vocab]."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), config)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Float32 logits for `input_ids` [batch, length] (and the updated cache when given one).
+
+        `positions` (rotary positions, restarting per packed example) default to 0..length-1 (after the
+        cache's filled slots when decoding). `segment_ids` number packed examples 1, 2, ... and mark
+        padding with 0; attention stays inside a segment. With `cache`, the new keys/values are written
+        at `cache.index` and `(logits, updated_cache)` is returned.
+        """
+        hidden, new_cache = self.hidden_states(input_ids, positions=positions, segment_ids=segment_ids, cache=cache)
+        head = self.head_weight().astype(self.config.dtype)
+        logits = jnp.einsum("ble,ev->blv", hidden, head, preferred_element_type=jnp.float32)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        return logits if cache is None else (logits, new_cache)
+
+    def head_weight(self) -> jax.Array:
+        """The [embed, vocab] output projection (the transposed embedding when tied)."""
+        return self.embed_tokens[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+
+
+class LlamaForScoring(LlamaBackbone):
+    """One score per sequence: a linear head on the final hidden state of its last real token.
+
+    `model(input_ids, lengths)` -> float32 scores [batch]. This is Hugging Face's
+    `LlamaForSequenceClassification` with `num_labels=1` (same `score` weight, no bias, same pooling
+    on the last non-padding token); the multiple-choice objective scores each (question, option) row
+    with it and takes a softmax across a question's options. Rows are right-padded: padding sits after
+    the pooled token, so causal attention never lets it change the score.
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        self.score = _param(rngs, (config.hidden_size, 1), ("embed", "classes"), config)
+
+    def __call__(self, input_ids: jax.Array, lengths: jax.Array) -> jax.Array:
+        """Scores of `input_ids` [batch, length] whose first `lengths` [batch] tokens are real."""
+        length = input_ids.shape[1]
+        segment_ids = (jnp.arange(length, dtype=jnp.int32) < lengths[:, None]).astype(jnp.int32)
+        hidden, _ = self.hidden_states(input_ids, segment_ids=segment_ids)
+        last = jnp.clip(lengths - 1, 0, length - 1).astype(jnp.int32)
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]  # [batch, embed]
+        score = self.score[...].astype(self.config.dtype)
+        return jnp.einsum("be,ec->bc", pooled, score, preferred_element_type=jnp.float32)[:, 0]

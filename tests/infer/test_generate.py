@@ -1,4 +1,4 @@
-"""`python -m alpacare_jax.generate`: the same answers from a workdir and its HF export, resume after SIGKILL,
+"""`python -m alpacare_jax.infer.generate`: the same answers from a workdir and its HF export, resume after SIGKILL,
 and input errors that name the file, record and field."""
 
 from __future__ import annotations
@@ -11,10 +11,17 @@ import time
 
 import pytest
 
-from alpacare_jax import generate
+from alpacare_jax.infer import generate
 from data_gen.errors import DataError
-from tests.inference_fixtures import (GROUP, MODEL_NAME, REPO_ROOT, prepared,  # noqa: F401
-                                      run_module, subprocess_env, test_sets_dir, trained)
+from tests.infer.fixtures import (  # noqa: F401
+    GROUP,
+    MODEL_NAME,
+    REPO_ROOT,
+    run_module,
+    subprocess_env,
+    test_sets_dir,
+    trained,
+)
 
 ROWS = 6
 FLAGS = [f"--limit={ROWS}", "--batch_size=2", "--max_new_tokens=24", "--no_progress"]
@@ -27,7 +34,7 @@ def _args(model, data_dir, out, *extra):
 @pytest.fixture(scope="module")
 def workdir_outputs(trained, test_sets_dir, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("generate") / "workdir.json"
-    proc = run_module("alpacare_jax.generate", *_args(trained, test_sets_dir, out))
+    proc = run_module("alpacare_jax.infer.generate", *_args(trained, test_sets_dir, out))
     assert f"{ROWS} answered" in proc.stdout and "0 already done" in proc.stdout, proc.stdout
     return json.loads(out.read_text())
 
@@ -57,7 +64,7 @@ def test_answered_all_only_when_every_task_is_stored_unchanged(tmp_path):
 @pytest.mark.slow
 def test_hf_export_gives_the_same_outputs_as_the_workdir(workdir_outputs, trained, test_sets_dir, tmp_path):  # noqa: F811
     out = tmp_path / "hf.json"
-    run_module("alpacare_jax.generate", *_args(trained / "hf", test_sets_dir, out, f"--name={MODEL_NAME}"))
+    run_module("alpacare_jax.infer.generate", *_args(trained / "hf", test_sets_dir, out, f"--name={MODEL_NAME}"))
     assert json.loads(out.read_text()) == workdir_outputs
 
 
@@ -66,7 +73,7 @@ def test_hf_export_gives_the_same_outputs_as_the_workdir(workdir_outputs, traine
 def test_rerun_after_sigkill_answers_only_the_rest(workdir_outputs, trained, test_sets_dir, tmp_path):  # noqa: F811
     out = tmp_path / "killed.json"
     partial = generate.partial_path(out)
-    command = [sys.executable, "-m", "alpacare_jax.generate", *_args(trained, test_sets_dir, out)]
+    command = [sys.executable, "-m", "alpacare_jax.infer.generate", *_args(trained, test_sets_dir, out)]
     proc = subprocess.Popen(command, env=subprocess_env(1), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -86,11 +93,11 @@ def test_rerun_after_sigkill_answers_only_the_rest(workdir_outputs, trained, tes
     with partial.open("a") as f:
         f.write('{"key": "9", "id": 9, "instr')  # a write cut short by the kill: dropped on resume
 
-    rerun = run_module("alpacare_jax.generate", *_args(trained, test_sets_dir, out))
+    rerun = run_module("alpacare_jax.infer.generate", *_args(trained, test_sets_dir, out))
     assert f"{ROWS - stored} answered" in rerun.stdout and f"{stored} already done" in rerun.stdout, rerun.stdout
     assert json.loads(out.read_text()) == workdir_outputs
     assert not partial.exists()
-    again = run_module("alpacare_jax.generate", *_args(trained, test_sets_dir, out))  # finished: nothing to do
+    again = run_module("alpacare_jax.infer.generate", *_args(trained, test_sets_dir, out))  # finished: nothing to do
     assert "0 answered" in again.stdout and f"{ROWS} already done" in again.stdout
 
 

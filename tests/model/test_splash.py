@@ -16,8 +16,7 @@ import pytest
 from flax import nnx
 
 from alpacare_jax import sharding
-from alpacare_jax.model import KVCache, Llama, LlamaConfig
-from alpacare_jax.model import attention
+from alpacare_jax.model import KVCache, Llama, LlamaConfig, attention
 
 interpret_splash = functools.partial(attention.splash_attention, interpret=True, block_size=128)
 

@@ -49,6 +49,7 @@ def restore_workdir(workdir: str | epath.Path, *, step: int | None = None, dtype
     """
     from alpacare_jax.train.checkpoint import Checkpointer
     from alpacare_jax.train.loop import load_model_config
+    from alpacare_jax.train.objectives import workdir_model_class
     from alpacare_jax.train.state import abstract_model, with_shardings
 
     workdir = epath.Path(workdir)
@@ -56,7 +57,7 @@ def restore_workdir(workdir: str | epath.Path, *, step: int | None = None, dtype
     if dtype is not None:
         config = config.replace(param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(dtype).name)
     mesh = mesh or default_mesh()
-    graphdef, abstract_state = abstract_model(config)
+    graphdef, abstract_state = abstract_model(config, workdir_model_class(workdir))
     shardings = sharding.param_shardings(abstract_state, mesh)
     abstract_params = with_shardings(nnx.to_pure_dict(abstract_state), shardings)
     checkpointer = Checkpointer(workdir / "checkpoints", save_every=0, keep=1 << 30, async_save=False)

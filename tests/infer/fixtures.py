@@ -1,7 +1,7 @@
 """A trained demo model (workdir + its HF export) and helpers for the generate / evaluate / serve tests.
 
 The model is the trainer tests' tiny demo config trained for a few steps on the session's prepared
-sample (tests/train/conftest.py): its answers are gibberish, but every path from a real checkpoint to
+sample (tests/conftest.py): its answers are gibberish, but every path from a real checkpoint to
 a judged table runs. Tests using it share one xdist group, so one worker trains it, once: each test
 module that imports these fixtures gets its own copy of them from pytest, so the workdir lives at a
 fixed place in the session's temporary directory and is reused once complete. The command-line tools
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.conftest import REPO_ROOT, prepared, subprocess_env, tiny_config  # noqa: F401 (fixture)
+from tests.train.harness import REPO_ROOT, subprocess_env, tiny_config
 
 GROUP = pytest.mark.xdist_group("trained_demo_model")
 MODEL_NAME = "demo"
 
 
 @pytest.fixture(scope="session")
-def trained(prepared, tmp_path_factory) -> Path:  # noqa: F811
+def trained(prepared, tmp_path_factory) -> Path:
     """A training workdir (named MODEL_NAME) with checkpoints, tokenizer/ and the HF export in hf/."""
     from alpacare_jax.train.loop import train
 

@@ -1,6 +1,6 @@
 """Answer an evaluation set with a trained model (KV-cache decoding, batched):
 
-    python -m alpacare_jax.generate --model=HF_DIR_OR_WORKDIR --dataset=medinstruct_test|icliniq|FILE --out=FILE
+    python -m alpacare_jax.infer.generate --model=HF_DIR_OR_WORKDIR --dataset=medinstruct_test|icliniq|FILE --out=FILE
 
 writes `[{id, instruction, input, output, generator}]` in dataset order, what `data_gen judge` reads.
 `--dataset` is a built TFDS test set (`--data_dir`, see `python -m alpacare_jax.data.build`) or a JSON /
@@ -101,6 +101,8 @@ def load_tasks(dataset: str, *, data_dir: str | None = None, limit: int | None =
         tasks = load_test_set(dataset, data_dir)
     elif Path(dataset).is_file():
         tasks = load_task_file(dataset)
+        if not tasks:  # an empty answer file would look like a finished run
+            raise DataError(dataset, None, None, "holds no tasks")
     else:
         raise FileNotFoundError(f"--dataset={dataset}: neither one of {TEST_SETS} nor an existing file")
     return tasks[:limit] if limit is not None else tasks
@@ -156,7 +158,7 @@ def generate_outputs(loaded, tasks: Sequence[Task], out: str | Path, sampling, *
 
     from tqdm.auto import tqdm
 
-    from alpacare_jax.inference import complete, instruction_prompt
+    from alpacare_jax.infer.completion import complete, instruction_prompt
 
     out = Path(out)
     if batch_size < 1:
@@ -231,7 +233,7 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alpacare_jax.generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m alpacare_jax.infer.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model directory or training workdir")
     parser.add_argument("--dataset", required=True, help=f"one of {', '.join(TEST_SETS)} (TFDS) or a JSON/JSONL file")
     parser.add_argument("--out", required=True, help="output JSON file")
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from alpacare_jax.loading import load_model
+    from alpacare_jax.infer.loading import load_model
 
     try:
         loaded = load_model(args.model, step=args.step, dtype=args.dtype, name=args.name)
