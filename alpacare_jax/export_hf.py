@@ -16,7 +16,7 @@ import sys
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "bfloat16") -> int:
     """Writes the checkpoint at `step` (default: latest) of `workdir` to `out`; returns the step exported."""
     from alpacare_jax import hf
-    from alpacare_jax.loading import restore_workdir, workdir_tokenizer
+    from alpacare_jax.infer.loading import restore_workdir, workdir_tokenizer
 
     model, step = restore_workdir(workdir, step=step)
     hf.save_pretrained(model, out, dtype=dtype, tokenizer=workdir_tokenizer(workdir))

@@ -27,13 +27,16 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from alpacare_jax import sharding as sharding_lib
-from alpacare_jax.model import Llama, LlamaConfig, RopeScaling
+from alpacare_jax.model import Llama, LlamaConfig, LlamaForScoring, RopeScaling
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+# What a `LlamaForScoring` (the multiple-choice objective's model) is exported as: transformers'
+# sequence classifier with num_labels=1, whose `score` head and last-non-pad-token pooling it matches.
+SCORING_ARCHITECTURE = "LlamaForSequenceClassification"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some older checkpoints saved; they are recomputed from the config, never loaded.
@@ -45,6 +48,21 @@ class CheckpointError(ValueError):
 
 
 # ---- config.json <-> LlamaConfig ------------------------------------------------------------------------
+
+_REQUIRED_CONFIG_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads")
+
+
+def read_config(config_file: Path) -> dict[str, Any]:
+    """The JSON object in an HF `config.json`; anything else raises naming the file."""
+    try:
+        hf = json.loads(config_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{config_file}: not valid JSON ({err})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, got {type(hf).__name__}")
+    return hf
+
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConfig:
     architectures = hf.get("architectures") or []
@@ -65,12 +83,18 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConf
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         if scaling.get("rope_type", scaling.get("type")) != "llama3":
             raise CheckpointError(f"{source}: rope_scaling type {scaling.get('rope_type')!r} is not supported")
+        fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if missing := [f for f in fields if f not in scaling]:
+            raise CheckpointError(f"{source}: field 'rope_scaling.{missing[0]}' is missing")
         rope_scaling = RopeScaling(
             factor=float(scaling["factor"]),
             low_freq_factor=float(scaling["low_freq_factor"]),
             high_freq_factor=float(scaling["high_freq_factor"]),
             original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
         )
+    missing = [f for f in _REQUIRED_CONFIG_FIELDS if f not in hf]
+    if missing:
+        raise CheckpointError(f"{source}: field {missing[0]!r} is missing (a LLaMA config needs {_REQUIRED_CONFIG_FIELDS})")
     num_heads = hf["num_attention_heads"]
     return LlamaConfig(
         vocab_size=hf["vocab_size"],
@@ -90,9 +114,11 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> LlamaConf
     )
 
 
-def config_to_hf(config: LlamaConfig, dtype: str) -> dict[str, Any]:
+def config_to_hf(config: LlamaConfig, dtype: str, *, scoring: bool = False,
+                 pad_token_id: int | None = None) -> dict[str, Any]:
+    """HF `config.json` of a causal LM, or with `scoring` of a one-label sequence classifier."""
     hf: dict[str, Any] = {
-        "architectures": list(SUPPORTED_ARCHITECTURES),
+        "architectures": [SCORING_ARCHITECTURE] if scoring else list(SUPPORTED_ARCHITECTURES),
         "model_type": "llama",
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -117,6 +143,9 @@ def config_to_hf(config: LlamaConfig, dtype: str) -> dict[str, Any]:
     }
     if config.rope_scaling is not None:
         hf["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
+    if scoring:
+        # One label: the score itself. transformers pools on the last token that is not `pad_token_id`.
+        hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=pad_token_id)
     return hf
 
 
@@ -162,8 +191,8 @@ class TensorLayout:
         return np.transpose(block.reshape(shape)[tuple(post_index)], self.perm)
 
 
-def tensor_layouts(config: LlamaConfig) -> list[TensorLayout]:
-    """Every parameter of `Llama`, in HF's tensor order (which export also uses)."""
+def tensor_layouts(config: LlamaConfig, *, scoring: bool = False) -> list[TensorLayout]:
+    """Every parameter of `Llama` (or with `scoring`, of `LlamaForScoring`), in HF's tensor order."""
     e, h, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     m, v = config.intermediate_size, config.vocab_size
     prefix = "model.layers.{layer}."
@@ -184,7 +213,9 @@ def tensor_layouts(config: LlamaConfig) -> list[TensorLayout]:
         layer(("mlp", "down_proj"), "mlp.down_proj.weight", ((e,), (m,)), (1, 0)),
         TensorLayout(("norm", "scale"), "model.norm.weight", ((e,),), (0,), stacked=False),
     ]
-    if not config.tie_word_embeddings:
+    if scoring:
+        layouts.append(TensorLayout(("score",), "score.weight", ((1,), (e,)), (1, 0), stacked=False))
+    elif not config.tie_word_embeddings:
         layouts.append(TensorLayout(("lm_head",), "lm_head.weight", ((v,), (e,)), (1, 0), stacked=False))
     return layouts
 
@@ -203,7 +234,7 @@ class _SafetensorsDir:
             except (json.JSONDecodeError, KeyError) as err:
                 raise CheckpointError(f"{index_file}: not a safetensors index ({err})") from err
         elif single.exists():
-            with safe_open(single, framework="numpy") as f:
+            with _open_safetensors(single) as f:
                 self.weight_map = {name: SINGLE_FILE for name in f.keys()}
         else:
             raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found")
@@ -223,7 +254,7 @@ class _SafetensorsDir:
         for file, names in self.files().items():
             if not (self.path / file).exists():
                 raise CheckpointError(f"{self.path / file}: shard listed for tensor {names[0]!r} does not exist")
-            with safe_open(self.path / file, framework="numpy") as handle:
+            with _open_safetensors(self.path / file) as handle:
                 present = set(handle.keys())
                 for name in names:
                     if name not in present:
@@ -243,6 +274,14 @@ class _SafetensorsDir:
                 f"{self.path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
                 "(not part of a LLaMA model; is this another architecture?)"
             )
+
+
+def _open_safetensors(file: Path):
+    """`safe_open(file)`; a truncated or garbage file raises naming it instead of a bare SafetensorError."""
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as err:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from None
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -272,7 +311,7 @@ def load_pretrained(
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
-    config = config_from_hf(json.loads(config_file.read_text()), str(config_file)).replace(
+    config = config_from_hf(read_config(config_file), str(config_file)).replace(
         param_dtype=jnp.dtype(dtype).name, dtype=jnp.dtype(compute_dtype or dtype).name, **config_overrides
     )
     checkpoint = _SafetensorsDir(path)
@@ -306,7 +345,7 @@ def load_pretrained(
                 continue  # ignorable (checked above)
             layout, layer = sources[name]
             # One open per tensor: closing unmaps the pages just read, so they stop counting as host memory.
-            with safe_open(path / file, framework="numpy") as handle:
+            with _open_safetensors(path / file) as handle:
                 tensor = handle.get_slice(name)
                 buffer = values[layout.ours]
                 shape = buffer.shape[1:] if layout.stacked else buffer.shape
@@ -410,7 +449,7 @@ def _write_safetensors(path: Path, tensors: list[_ExportTensor], state: nnx.Stat
 
 
 def save_pretrained(
-    model: Llama,
+    model: Llama | LlamaForScoring,
     path: str | os.PathLike,
     *,
     dtype: str = "bfloat16",
@@ -419,11 +458,15 @@ def save_pretrained(
 ) -> None:
     """Writes `model` as an HF LLaMA directory that `transformers` loads as it is.
 
+    A `Llama` becomes a `LlamaForCausalLM`; a `LlamaForScoring` a `LlamaForSequenceClassification`
+    with `num_labels=1` whose `pad_token_id` is the tokenizer's pad id (0, LLaMA's `<unk>`, without one).
+
     Shards are written under temporary names and renamed into place, so an interrupted export never
     leaves a truncated file under a final name. On several processes all take part in gathering each
     tensor and only process 0 writes.
     """
     config = model.config
+    scoring = isinstance(model, LlamaForScoring)
     np_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     if np_dtype.name not in _SAFETENSORS_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: choose one of {sorted(_SAFETENSORS_DTYPES)}")
@@ -431,7 +474,7 @@ def save_pretrained(
     # Plan shards from shapes alone so file names (which carry the total) are known before writing.
     shards: list[list[_ExportTensor]] = [[]]
     shard_bytes = total_bytes = 0
-    for layout in tensor_layouts(config):
+    for layout in tensor_layouts(config, scoring=scoring):
         nbytes = math.prod(layout.hf_shape) * np_dtype.itemsize
         for i, name in enumerate(layout.hf_names(config.num_layers)):
             if shards[-1] and shard_bytes + nbytes > limit:
@@ -470,7 +513,8 @@ def save_pretrained(
         _write_json(index, {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
     elif index.exists():
         index.unlink()
-    hf_config = config_to_hf(config, dtype)
+    hf_config = config_to_hf(config, dtype, scoring=scoring,
+                             pad_token_id=tokenizer.pad_id if tokenizer is not None else 0)
     _write_json(out / "config.json", hf_config)
     _write_json(out / "generation_config.json",
                 {"bos_token_id": hf_config["bos_token_id"], "eos_token_id": hf_config["eos_token_id"]})

@@ -41,6 +41,7 @@ DEFAULT_RULES: LogicalRules = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
+    ("classes", None),  # the scoring head's output (one score per sequence): too small to split
 )
 
 

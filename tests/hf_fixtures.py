@@ -19,12 +19,12 @@ HF_SHAPES = {
 }
 
 
-def make_hf_model(shape: str, seed: int = 0):
+def make_hf_model(shape: str, seed: int = 0, vocab_size: int = 128):
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, rms_norm_eps=1e-5,
+    sizes = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2, rms_norm_eps=1e-5,
                  max_position_embeddings=256)
     config = transformers.LlamaConfig(**{**sizes, **HF_SHAPES[shape]})
     model = transformers.LlamaForCausalLM(config).eval()

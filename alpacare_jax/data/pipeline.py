@@ -48,8 +48,6 @@ from alpacare_jax.data.examples import ExampleEncoder, empty_row, pad_example
 from alpacare_jax.data.tokenizer import Tokenizer
 
 BATCH_KEYS = ("input_ids", "labels", "loss_mask", "segment_ids", "positions")
-# Mesh axes the batch dimension is split over (the `batch` rule of alpacare_jax.sharding).
-BATCH_MESH_AXES = ("data", "fsdp")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -251,16 +249,13 @@ def steps_per_epoch(
 
 
 def to_global_batch(
-    local_batch: Mapping[str, np.ndarray], mesh: Mesh, partition_spec: PartitionSpec | None = None
+    local_batch: Mapping[str, np.ndarray], mesh: Mesh, partition_spec: PartitionSpec
 ) -> dict[str, jax.Array]:
     """One global jax.Array per field from every process's local batch (`make_array_from_process_local_data`).
 
-    The default spec splits the batch dimension over the mesh's `data` and `fsdp` axes (those it has)
-    and keeps the length dimension whole. Each process passes only its own rows, which land on its
-    own devices' shards of the global array.
+    `partition_spec` is the batch's sharding from the mesh rules (`alpacare_jax.sharding.batch_sharding`);
+    the data package takes it as an argument rather than knowing mesh axes itself. Each process passes only
+    its own rows, which land on its own devices' shards of the global array.
     """
-    if partition_spec is None:
-        axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
-        partition_spec = PartitionSpec(axes or None)
     sharding = NamedSharding(mesh, partition_spec)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}

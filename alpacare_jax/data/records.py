@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from alpacare_jax.data.prompts import ICLINIQ_INSTRUCTION
+from data_gen.store import decode_utf8
 
 # Reference models of the AlpaCare evaluation, in the order the paper reports them.
 REFERENCE_MODELS = ("gpt-4", "gpt-3.5-turbo", "text-davinci-003", "claude-2")
@@ -90,7 +91,7 @@ class _Checker:
 
 def _load_json_list(path: Path) -> list:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(decode_utf8(path, path.read_bytes(), error=RecordError))
     except json.JSONDecodeError as e:
         raise RecordError(path, None, None, f"not valid JSON ({e})") from None
     if not isinstance(data, list):
@@ -100,10 +101,11 @@ def _load_json_list(path: Path) -> list:
 
 def _load_json_lines(path: Path) -> list:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for index, line in enumerate(f):
-            if not line.strip():
+    with path.open("rb") as f:
+        for index, raw in enumerate(f):
+            if not raw.strip():
                 continue
+            line = decode_utf8(path, raw, record=len(records), error=RecordError)
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:

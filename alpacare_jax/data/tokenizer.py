@@ -121,6 +121,41 @@ class SentencePieceTokenizer(Tokenizer):
         }
         _write_json(out_dir / TOKENIZER_CONFIG_FILE, config)
         _write_json(out_dir / SPECIAL_TOKENS_MAP_FILE, special)
+        self.fast_tokenizer().save(str(out_dir / HF_TOKENIZER_FILE))
+
+    def fast_tokenizer(self):
+        """The same tokenizer as an HF `tokenizers.Tokenizer` (what `tokenizer.json` holds).
+
+        Released LLaMA checkpoints ship it beside `tokenizer.model` because transformers can build it from
+        the sentencepiece model only with protobuf installed. Built the way transformers converts LLaMA's
+        model (non-legacy): BPE over the pieces with byte fallback, merges ranked by the merged piece's
+        id (sentencepiece merges the best-scored pair first, and its BPE pieces are stored best first),
+        "▁" for spaces and one before the text, no other normalisation (this model has none). One difference
+        remains, as with every LLaMA `tokenizer.json`: the text "<s>" or "</s>" becomes the special token; and
+        byte tokens that do not form UTF-8 decode to a different number of U+FFFD than sentencepiece gives.
+        """
+        from tokenizers import AddedToken, Tokenizer as FastTokenizer, decoders, models, normalizers, processors
+
+        sp = self._sp
+        vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+        mergeable = {piece: i for piece, i in vocab.items() if sp.is_unknown(i) + sp.is_control(i) + sp.is_byte(i) == 0}
+        merges = sorted(
+            ((piece[:cut], piece[cut:], i) for piece, i in mergeable.items() for cut in range(1, len(piece))
+             if piece[:cut] in mergeable and piece[cut:] in mergeable),
+            key=lambda m: (m[2], vocab[m[0]], vocab[m[1]]),
+        )
+        fast = FastTokenizer(models.BPE(vocab, [(left, right) for left, right, _ in merges],
+                                        unk_token=sp.id_to_piece(sp.unk_id()), fuse_unk=True, byte_fallback=True))
+        # sentencepiece puts "▁" before every text, even one that starts with a space ("add_dummy_prefix").
+        fast.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                          decoders.Strip(content=" ", left=1)])
+        fast.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False)
+                                 for i in range(sp.get_piece_size()) if sp.is_control(i) or sp.is_unknown(i)])
+        bos = sp.id_to_piece(self.bos_id)  # transformers adds BOS as the post-processor says (add_bos_token)
+        fast.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                            special_tokens=[(bos, self.bos_id)])
+        return fast
 
 
 class HFTokenizer(Tokenizer):
@@ -238,7 +273,8 @@ def train_tokenizer(
 
     texts = _corpus_texts(texts_or_json)
     if not texts:
-        raise ValueError("train_tokenizer: the corpus is empty")
+        source = texts_or_json if isinstance(texts_or_json, (str, Path)) else "the texts given"
+        raise ValueError(f"train_tokenizer: {source} is empty: no text to train on")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts),

@@ -9,6 +9,7 @@ Multi-host: on a TPU pod slice, run the same command on every host (jax finds it
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -49,7 +50,19 @@ def main(argv):
     _init_distributed()
     from alpacare_jax.train.loop import train
 
-    train(_CONFIG.value, _WORKDIR.value)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, OSError, FloatingPointError) as e:
+        # Bad input, a damaged file, a diverged loss: the message says what and where; a traceback
+        # would only bury it. Anything else is a bug and keeps its traceback.
+        logging.getLogger(__name__).debug("training failed", exc_info=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        # train() has closed its checkpoints and metrics on the way out. A normal interpreter exit would
+        # now let orbax's abandoned reads of a damaged checkpoint print tracebacks after this line
+        # ("Event loop is closed"), so leave at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(1)
 
 
 if __name__ == "__main__":

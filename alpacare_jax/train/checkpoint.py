@@ -1,13 +1,20 @@
 """Orbax checkpoints of the train state and the data iterator, with fallback past a damaged latest step.
 
-A checkpoint step directory holds three items:
-  params  the model weights (all that `export_hf` needs),
-  train   optimizer state, step and RNG key,
-  data    the grain iterator position of every process (a few integers each),
+A checkpoint step directory holds four items:
+  params     the model weights (all that `export_hf` needs),
+  train      optimizer state, step and RNG key,
+  data       the grain iterator position of every process (a few integers each),
+  checksums  a 64-bit content hash of every array in `params` and `train`,
 so a restart continues with exactly the batches and updates an uninterrupted run would have seen.
 Saves are asynchronous (training continues while the arrays are written) and only become visible
 under their final step name once complete, so a crash mid-save leaves the previous step as latest.
 Paths may be local or `gs://...` (orbax writes through tensorstore / epath).
+
+Orbax itself does not notice bytes that were changed on disk (a flipped bit or a garbled block restores
+as wrong weights), hence the checksums: every restore recomputes them and treats a mismatch like a
+truncated file. The hash is computed by XLA where the arrays live, from each element's bits and its
+position, and summed with integer (order-free) arithmetic, so it is the same on any mesh layout and
+costs one read of the state, not a gather to one host.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
@@ -26,6 +34,14 @@ from jax.experimental import multihost_utils
 from alpacare_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+
+class NoRestorableCheckpoint(ValueError):
+    """Checkpoints exist but none of them restores; training stops rather than silently start over."""
+
+
+class ChecksumMismatch(ValueError):
+    """A restored array whose content hash differs from the one saved with it."""
 
 
 class Checkpointer:
@@ -52,35 +68,60 @@ class Checkpointer:
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(_train_part(state)),
             data=grain.checkpoint.CheckpointSave(data_iterator),
+            checksums=ocp.args.JsonSave({"params": content_checksums(state.params),
+                                         "train": content_checksums(_train_part(state))}),
         ), force=True)
 
     def restore_latest(self, abstract_state: TrainState, data_iterator: Any) -> TrainState | None:
-        """The newest restorable checkpoint (None if there is none); `data_iterator` is repositioned in place.
+        """The newest restorable checkpoint, or None when there is no checkpoint at all.
 
-        A step that fails to restore (truncated or missing files, e.g. from a disk filling up) is logged
-        with its error and the next older one is tried: losing a few hundred steps beats a dead run.
+        `data_iterator` is repositioned in place only once a step's arrays have restored and matched
+        their checksums; after any failure it is put back where it was, so a damaged step leaves no
+        state behind. A step that fails (truncated or changed files, e.g. from a disk filling up) is
+        logged with its error, set aside as `<step>.damaged-<time>` and the next older one is tried:
+        losing a few hundred steps beats a dead run. When every checkpoint fails, this raises
+        `NoRestorableCheckpoint` and leaves them in place: starting over from step 0 would throw the
+        run away (and rewrite its metrics), which only a person should decide.
         """
-        damaged = []
-        restored_state = None
-        for step in reversed(self.all_steps()):
+        steps = self.all_steps()
+        fresh_position = data_iterator.get_state()
+        errors: dict[int, str] = {}
+        for step in reversed(steps):
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_state.params),
-                    train=ocp.args.StandardRestore(_train_part(abstract_state)),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                ))
+                restored = self._restore_verified(step, abstract_state.params, _train_part(abstract_state))
+                self.manager.restore(step, args=ocp.args.Composite(
+                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
             except Exception as e:  # noqa: BLE001 (any failure of one step means: try the previous one)
-                log.error("checkpoint at step %d cannot be restored (%s: %.300s); trying the previous one",
-                          step, type(e).__name__, str(e))
-                damaged.append(step)
+                data_iterator.set_state(fresh_position)
+                errors[step] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"  # one line, bounded
+                log.error("checkpoint at step %d cannot be restored (%s); trying the previous one", step, errors[step])
                 continue
+            if errors:
+                self._set_aside(list(errors))
             train = restored["train"]
-            restored_state = TrainState(step=train["step"], params=restored["params"],
-                                        opt_state=train["opt_state"], rng=train["rng"])
-            break
-        if damaged:
-            self._set_aside(damaged)
-        return restored_state
+            return TrainState(step=train["step"], params=restored["params"], opt_state=train["opt_state"],
+                              rng=train["rng"])
+        if errors:
+            raise NoRestorableCheckpoint(
+                f"{self.directory}: no checkpoint can be restored (steps {sorted(errors)} are damaged; newest: "
+                f"{errors[max(errors)]}); they are left in place. To start over from step 0, move the "
+                "checkpoints directory and metrics.jsonl aside and rerun")
+        return None
+
+    def _restore_verified(self, step: int, abstract_params: dict, abstract_train: dict | None) -> dict:
+        """`params` (and `train` unless None) of `step`, checked against the checksums saved with them."""
+        items = {"params": ocp.args.StandardRestore(abstract_params), "checksums": ocp.args.JsonRestore()}
+        if abstract_train is not None:
+            items["train"] = ocp.args.StandardRestore(abstract_train)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        saved = restored["checksums"]
+        for item in ("params", "train") if abstract_train is not None else ("params",):
+            got = content_checksums(restored[item])
+            bad = sorted(k for k in got.keys() | saved[item].keys() if got.get(k) != saved[item].get(k))
+            if bad:
+                raise ChecksumMismatch(f"{self.directory / str(step) / item}: the content of {len(bad)} array(s) "
+                                       f"differs from the checksum saved with it, first {bad[0]}")
+        return restored
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames damaged steps to `<step>.damaged` (kept for inspection) so the step can be saved again."""
@@ -100,8 +141,7 @@ class Checkpointer:
         step = steps[-1] if step is None else step
         if step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
-        restored = self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-        return restored["params"], step
+        return self._restore_verified(step, abstract_params, None)["params"], step
 
     def wait(self) -> None:
         """Blocks until any async save is committed."""
@@ -114,3 +154,47 @@ class Checkpointer:
 
 def _train_part(state: TrainState) -> dict:
     return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+
+
+
+# Two odd 32-bit constants (from MurmurHash3) seed the two halves of the 64-bit hash.
+_SEEDS = (0x9E3779B9, 0x85EBCA6B)
+
+
+def _mix(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: a bijection that spreads every input bit over the output."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _array_hash(x: jax.Array) -> jax.Array:
+    """[2] uint32: sums over elements of mix(bits ^ mix(position ^ seed)), one sum per seed.
+
+    Each term is a bijection of the element's bits, so changing any one element (a single flipped bit
+    included) always changes both sums; positions enter the terms, so moved elements are caught too.
+    """
+    if x.dtype.itemsize == 4:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    elif x.dtype.itemsize == 2:
+        bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+    else:
+        bits = x.astype(jnp.uint32)
+    position = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(x.ndim)):  # the row-major flat index, built without reshaping sharded arrays
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, x.shape, dim) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[dim]
+    return jnp.stack([jnp.sum(_mix(bits ^ _mix(position ^ jnp.uint32(seed))), dtype=jnp.uint32) for seed in _SEEDS])
+
+
+_tree_hashes = jax.jit(lambda tree: jax.tree.map(_array_hash, tree))
+
+
+def content_checksums(tree: Any) -> dict[str, str]:
+    """{path of the array in `tree`: 16 hex digits}, e.g. {"layers/attention/wq/kernel": "…"}."""
+    hashes = jax.device_get(_tree_hashes(tree))
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): "".join(f"{int(v):08x}" for v in h)
+            for path, h in jax.tree_util.tree_flatten_with_path(hashes)[0]}

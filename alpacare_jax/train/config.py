@@ -1,6 +1,7 @@
 """Training configuration: the AlpaCare recipe as defaults, and turning a config into a `LlamaConfig`.
 
-Config files under `configs/` start from `base_config()` and change what they must (big_vision style:
+`base_config()` is the one place where every field is defined and documented. Config files under
+`configs/` start from it and set, in full view, the values that make their recipe (big_vision style:
 small Python files returning ConfigDicts; any field can be overridden with `--config.a.b=value`).
 """
 
@@ -12,15 +13,19 @@ from pathlib import Path
 
 import ml_collections
 
+from alpacare_jax.data import multiple_choice
 from alpacare_jax.data.pipeline import default_data_config
 from alpacare_jax.model import LlamaConfig
 from alpacare_jax.train import loss
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The AlpaCare recipe (see configs/base.py); every field is documented inline."""
+    """Every training field with its documentation; the defaults are the AlpaCare recipe (configs/base.py)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # What is trained (alpacare_jax/train/objectives.py): "sft" (instruction tuning on `data`) or
+    # "multiple_choice" (option scoring on `multiple_choice`, with `data` giving row length and batch).
+    c.objective = "sft"
 
     # ---- model ----
     c.model = ml_collections.ConfigDict()
@@ -41,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.bootstrap.source = ""
     c.bootstrap.tokenizer_vocab_size = 1024
     c.bootstrap.validation_fraction = 0.15
+    # Questions, options and contexts of the multiple-choice objective (alpacare_jax.data.multiple_choice);
+    # `data.global_batch_size` then counts questions and `data.max_length` is the length of one option's row.
+    c.multiple_choice = multiple_choice.default_config()
 
     # ---- optimisation ----
     c.num_epochs = 3  # used when num_train_steps is 0
@@ -52,6 +60,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-5
     c.optimizer.warmup_ratio = 0.03
+    c.optimizer.warmup_steps = 0  # > 0: this many warmup steps instead of warmup_ratio of the run
     c.optimizer.schedule = "cosine"  # cosine | linear | constant (after warmup)
     c.optimizer.final_lr_fraction = 0.0  # cosine/linear end at learning_rate * this
     c.optimizer.b1 = 0.9
@@ -71,7 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     # ---- bookkeeping ----
     c.log_every = 10
-    c.eval_every = 200  # 0 = only at the end
+    c.eval_every = 200  # 0 = only at the end; -1 = once per epoch
+    # Stop after this many evaluations in a row without a better selection metric (multiple choice:
+    # eval_accuracy; SFT: eval_loss); 0 = never stop early. Survives restarts (rebuilt from metrics.jsonl).
+    c.early_stopping_patience = 0
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.async_checkpointing = True
@@ -80,31 +92,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.export_hf = False  # write WORKDIR/hf (safetensors + tokenizer) at the end
     c.sample_prompt = ""  # print one greedy answer to this instruction at the end
     c.sample_max_new_tokens = 64
-    return c
-
-
-def tpu_recipe(preset: str, *, tpu_topology: str, init_from_hf: str, max_length: int = 512,
-               grad_accum_steps: int = 1, remat_policy: str = "nothing_saveable",
-               mesh: dict | None = None) -> ml_collections.ConfigDict:
-    """The AlpaCare recipe for one model on one TPU slice: `configs/llama*.py` differ only in these.
-
-    Everything else is `base_config()`: AdamW lr 2e-5, 3% warmup, cosine, no weight decay, 3 epochs,
-    global batch 128, fp32 master weights with bf16 compute. Splash attention is the TPU backend.
-    `grad_accum_steps` splits the global batch into that many micro-batches (same update, less activation
-    memory) and, with `remat_policy` and `mesh`, is what makes the step fit the slice's HBM; check with
-    `python -m alpacare_jax.aot --config=configs/X.py`. `init_from_hf` is where the HF checkpoint (weights,
-    architecture, tokenizer) will be; the preset must match it (the AOT compile uses the preset).
-    """
-    c = base_config()
-    c.model.preset = preset
-    c.model.remat_policy = remat_policy
-    c.model.attention_impl = "splash"
-    c.init_from_hf = init_from_hf
-    c.data.max_length = max_length
-    c.grad_accum_steps = grad_accum_steps
-    c.tpu_topology = tpu_topology
-    if mesh:
-        c.mesh.update(mesh)
     return c
 
 

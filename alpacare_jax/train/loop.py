@@ -30,11 +30,13 @@ from alpacare_jax import sharding as sharding_lib
 from alpacare_jax.data import pipeline
 from alpacare_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from alpacare_jax.model import LlamaConfig
+from alpacare_jax.train import objectives
 from alpacare_jax.train import state as state_lib
 from alpacare_jax.train import step as step_lib
 from alpacare_jax.train.checkpoint import Checkpointer
 from alpacare_jax.train.config import llama_config
-from alpacare_jax.train.metrics import MetricsWriter, Throughput
+from alpacare_jax.train.early_stopping import EarlyStopping
+from alpacare_jax.train.metrics import MetricsWriter, Throughput, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +119,7 @@ def total_train_steps(config: ml_collections.ConfigDict, data_config, tokenizer:
         return config.num_train_steps
     if config.num_epochs <= 0:
         raise ValueError("set config.num_train_steps or config.num_epochs (both are 0)")
-    per_epoch = pipeline.steps_per_epoch(data_config, tokenizer, process_count=jax.process_count())
+    per_epoch = objectives.from_config(config).steps_per_epoch(config, data_config, tokenizer)
     if per_epoch == 0:
         raise ValueError(f"the training split has less than one global batch ({data_config.global_batch_size} rows)")
     return config.num_epochs * per_epoch
@@ -179,16 +181,13 @@ class PreemptionFlag:
 
 # ---- the loop -------------------------------------------------------------------------------------------
 
-def evaluate(eval_step, params, data_config, tokenizer, mesh, rules) -> float | None:
-    """Exact per-token loss over the whole validation split (None when it is empty)."""
-    batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-    loss_sum = num_tokens = 0.0
-    for local in pipeline.make_eval_iterator(data_config, tokenizer):
-        batch = pipeline.to_global_batch(local, mesh, batch_sharding.spec)
-        batch_loss, batch_tokens = eval_step(params, batch)
-        loss_sum += float(batch_loss)
-        num_tokens += float(batch_tokens)
-    return loss_sum / num_tokens if num_tokens else None
+def evaluate(objective, eval_step, params, batches, mesh, batch_spec) -> dict[str, float]:
+    """The objective's metrics over the whole validation split (`eval_loss`, ...; empty when it is empty)."""
+    sums: dict[str, float] = {}
+    for local in batches:
+        for key, value in eval_step(params, pipeline.to_global_batch(local, mesh, batch_spec)).items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    return objective.eval_metrics(sums) if sums else {}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
@@ -202,14 +201,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
     save_run_description(workdir, config, model_config)
 
     program = step_lib.build_train_program(config, model_config, total_steps)
-    setup, tx, train_step = program.setup, program.tx, program.train_step
+    setup, tx, train_step, objective = program.setup, program.tx, program.train_step, program.objective
     mesh, rules = setup.mesh, setup.rules
-    eval_step = step_lib.jit_eval_step(setup, config.loss_chunk_size)
-    train_iter = pipeline.make_train_iterator(data_config, tokenizer)
+    eval_step = step_lib.jit_eval_step(setup, objective)
+    train_iter = objective.train_iterator(config, data_config, tokenizer)
     checkpointer = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint_every,
                                 keep=config.keep_checkpoints, async_save=config.async_checkpointing)
 
-    state = checkpointer.restore_latest(setup.abstract_state, train_iter)
+    try:
+        state = checkpointer.restore_latest(setup.abstract_state, train_iter)
+    except BaseException:
+        checkpointer.close()  # stops orbax's background threads, which otherwise fail noisily at exit
+        raise
     if state is None:
         params = None
         if config.init_from_hf:
@@ -220,6 +223,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
                                     remat_policy=model_config.remat_policy,
                                     attention_impl=model_config.attention_impl)
             params = nnx.to_pure_dict(nnx.state(model))
+            if objective.name == "multiple_choice":
+                params = objectives.initial_params_from_causal_lm(params, model_config, config.seed)
         state = state_lib.init_train_state(setup, model_config, tx, config.seed, params)
         start_step = 0
     else:
@@ -229,21 +234,30 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
             print(f"resumed from step {start_step}", flush=True)
 
     writer = MetricsWriter(workdir, enabled=_is_primary(), resume_step=start_step)
-    tokens_per_step = data_config.global_batch_size * data_config.max_length
+    tokens_per_step = objectives.tokens_per_step(config)
     throughput = Throughput(model_config.flops_per_token(data_config.max_length), tokens_per_step, mesh.size)
     preemption = PreemptionFlag()
-    batch_spec = sharding_lib.batch_sharding(mesh, rules).spec
+    batch_spec = sharding_lib.logical_to_spec(objective.batch_axes, rules)
+    eval_every = config.eval_every
+    if eval_every < 0:  # once per epoch
+        eval_every = objective.steps_per_epoch(config, data_config, tokenizer)
+    metric, higher_is_better = objective.selection_metric
+    stopper = EarlyStopping(metric, higher_is_better, config.early_stopping_patience)
+    if _is_primary() and start_step:
+        stopper.replay(read_metrics(workdir))  # the history up to the checkpoint (the writer dropped the rest)
     progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not _is_primary())
     last: dict = {}
     step = start_step
+    stopped_early = False
     try:
-        while step < total_steps:
+        # A restarted run that had already stopped early (its checkpoint is that step) trains no further.
+        while step < total_steps and not (stopped_early := _agree(stopper.should_stop)):
             batch = pipeline.to_global_batch(next(train_iter), mesh, batch_spec)
             state, metrics = train_step(state, batch)
             step += 1
             throughput.step()
             progress.update()
-            do_eval = (config.eval_every and step % config.eval_every == 0) or step == total_steps
+            do_eval = (eval_every and step % eval_every == 0) or step == total_steps
             if do_eval or step % config.log_every == 0 or step == start_step + 1:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 last.update(throughput.report())
@@ -252,18 +266,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
                 progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
                 if do_eval:
                     eval_start = time.perf_counter()
-                    eval_loss = evaluate(eval_step, state.params, data_config, tokenizer, mesh, rules)
-                    if eval_loss is not None:
-                        last["eval_loss"] = eval_loss
+                    eval_batches = objective.eval_iterator(config, data_config, tokenizer)
+                    last.update(evaluate(objective, eval_step, state.params, eval_batches, mesh, batch_spec))
+                    stopper.observe(step, last)
                     throughput.exclude(time.perf_counter() - eval_start)
                 writer.write(step, last)
             stop = preemption.should_stop(checkpointer, step)
-            if checkpointer.should_save(step) or step == total_steps or stop:
+            stopped_early = _agree(stopper.should_stop)
+            if checkpointer.should_save(step) or step == total_steps or stop or stopped_early:
                 checkpointer.save(state, train_iter, step=step)
             if stop:
                 log.warning("preemption signal: checkpointed step %d, exiting", step)
                 if _is_primary():
                     print(f"preempted: saved a checkpoint at step {step}", flush=True)
+                break
+            if stopped_early:
                 break
     finally:
         progress.close()
@@ -271,9 +288,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
         checkpointer.close()  # waits for the last async save
         writer.close()
 
-    if step == total_steps and not preemption.received:
+    if stopped_early and _is_primary():
+        print(f"early stopping at step {step}: best {stopper.metric} {stopper.best:.4f} at step "
+              f"{stopper.best_step}, none better in the {stopper.since_best} evaluations since", flush=True)
+    if (step == total_steps or stopped_early) and not preemption.received:
         _after_training(config, workdir, setup, state, tokenizer)
     return last
+
+
+def _agree(flag: bool) -> bool:
+    """Process 0's decision (only it reads the metrics history), the same on every process."""
+    if jax.process_count() > 1:
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+    return flag
 
 
 def _after_training(config, workdir, setup, state, tokenizer) -> None:
@@ -285,8 +312,8 @@ def _after_training(config, workdir, setup, state, tokenizer) -> None:
         save_pretrained(nnx.merge(setup.graphdef, state.params), out, dtype="float32", tokenizer=tokenizer)
         if _is_primary():
             print(f"exported the model for transformers to {out}", flush=True)
-    if config.sample_prompt:
-        from alpacare_jax.inference import answer as answer_instruction
+    if config.sample_prompt and config.objective == "sft":
+        from alpacare_jax.infer.completion import answer as answer_instruction
         from alpacare_jax.model import SamplingConfig
 
         answer = answer_instruction(nnx.merge(setup.graphdef, state.params), tokenizer, config.sample_prompt,

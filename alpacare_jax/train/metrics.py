@@ -8,12 +8,15 @@ divided by the dense bf16 peak of all devices in use. The peak comes from the ta
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from typing import Any
 
 import jax
 from etils import epath
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 FLOP/s per chip, from the vendors' spec sheets.
 PEAK_FLOPS_PER_CHIP = {
@@ -81,7 +84,8 @@ class MetricsWriter:
     """One JSON object per logged step in WORKDIR/metrics.jsonl, the same scalars to TensorBoard.
 
     Only process 0 writes. On resume, lines for steps after the restored checkpoint (logged by the
-    interrupted run, then redone) are dropped, so the file reads as one uninterrupted run.
+    interrupted run, then redone) are dropped, so the file reads as one uninterrupted run, and so is a
+    half-written last line (a kill during a write), with a warning.
     """
 
     def __init__(self, workdir: str | epath.Path, *, enabled: bool, resume_step: int = 0):
@@ -90,8 +94,8 @@ class MetricsWriter:
         self._tb = None
         if not enabled:
             return
-        lines = self.path.read_text().splitlines() if self.path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        records = _parse_lines(self.path, allow_partial_tail=True) if self.path.exists() else []
+        kept = [json.dumps(r) for r in records if r.get("step", 0) <= resume_step]
         # Rewritten whole, not appended: appending is not available on every filesystem (GCS).
         self._lines = kept
         self._flush()
@@ -134,6 +138,22 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _parse_lines(path: epath.Path, *, allow_partial_tail: bool = False) -> list[dict[str, Any]]:
+    """The records of a metrics file; a bad line raises naming it, unless it is the last and may be partial."""
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if allow_partial_tail and number == len(lines):
+                log.warning("%s: dropped a half-written last line %d (%.60r)", path, number, line)
+                break
+            raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
+    return records
+
+
 def read_metrics(workdir: str | epath.Path) -> list[dict[str, Any]]:
-    path = epath.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse_lines(epath.Path(workdir) / "metrics.jsonl")

@@ -19,7 +19,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 def warmup_steps(opt_config: ml_collections.ConfigDict, total_steps: int) -> int:
-    """HF's rounding: ceil(warmup_ratio * total_steps)."""
+    """`warmup_steps` when set, else HF's rounding of the ratio: ceil(warmup_ratio * total_steps)."""
+    if opt_config.get("warmup_steps", 0) > 0:
+        return min(opt_config.warmup_steps, total_steps)
     return math.ceil(opt_config.warmup_ratio * total_steps)
 
 

@@ -38,16 +38,17 @@ class TrainSetup:
     shardings: TrainState  # NamedSharding per leaf
     mesh: Mesh
     rules: sharding_lib.LogicalRules
+    model_class: type = Llama  # the objective's model (`LlamaForScoring` for multiple choice)
 
 
-def abstract_model(model_config: LlamaConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(model_config: LlamaConfig, model_class: type = Llama) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph and shape-only parameters (with logical axis metadata) without allocating anything."""
-    return nnx.split(nnx.eval_shape(lambda: Llama(model_config, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: model_class(model_config, rngs=nnx.Rngs(0))))
 
 
 def make_setup(model_config: LlamaConfig, tx: optax.GradientTransformation, mesh: Mesh,
-               rules: sharding_lib.LogicalRules) -> TrainSetup:
-    graphdef, abstract_params_state = abstract_model(model_config)
+               rules: sharding_lib.LogicalRules, model_class: type = Llama) -> TrainSetup:
+    graphdef, abstract_params_state = abstract_model(model_config, model_class)
     params_sharding = sharding_lib.param_shardings(abstract_params_state, mesh, rules)
     abstract_params = nnx.to_pure_dict(abstract_params_state)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -60,7 +61,7 @@ def make_setup(model_config: LlamaConfig, tx: optax.GradientTransformation, mesh
     )
     abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                           opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-    return TrainSetup(graphdef, with_shardings(abstract, shardings), shardings, mesh, rules)
+    return TrainSetup(graphdef, with_shardings(abstract, shardings), shardings, mesh, rules, model_class)
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -78,7 +79,7 @@ def init_train_state(setup: TrainSetup, model_config: LlamaConfig, tx: optax.Gra
 
     def init(params):
         if params is None:
-            params = nnx.to_pure_dict(nnx.state(Llama(model_config, rngs=nnx.Rngs(seed))))
+            params = nnx.to_pure_dict(nnx.state(setup.model_class(model_config, rngs=nnx.Rngs(seed))))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           rng=jax.random.PRNGKey(seed))
 

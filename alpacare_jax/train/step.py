@@ -1,6 +1,7 @@
 """The jitted train and eval steps: pure functions of (TrainState, global batch).
 
-The loss is the mean next-token cross-entropy over the tokens with `loss_mask` 1 in the whole global
+The step is the same for every objective (`alpacare_jax.train.objectives`); the objective gives the
+loss as (sum, count). For SFT the loss is the mean next-token cross-entropy over the tokens with `loss_mask` 1 in the whole global
 batch (every response token weighs the same, however the rows are packed or split). With gradient
 accumulation the batch is cut into microbatches that are scanned over, summing loss and gradients,
 and divided by the total token count once: the update equals the one-big-batch update.
@@ -22,7 +23,8 @@ from alpacare_jax import sharding as sharding_lib
 from alpacare_jax.model import LlamaConfig
 from alpacare_jax.train import optimizer as optimizer_lib
 from alpacare_jax.train import state as state_lib
-from alpacare_jax.train.loss import DEFAULT_CHUNK_SIZE, cross_entropy_sum
+from alpacare_jax.train import objectives
+from alpacare_jax.train.loss import DEFAULT_CHUNK_SIZE
 from alpacare_jax.train.state import TrainSetup, TrainState
 
 Batch = dict[str, jax.Array]
@@ -30,36 +32,33 @@ Batch = dict[str, jax.Array]
 
 def loss_sums(graphdef: nnx.GraphDef, params: dict, batch: Batch,
               loss_chunk: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
-    """(sum of masked token losses, number of loss tokens), both float32 scalars."""
-    model = nnx.merge(graphdef, params)
-    hidden, _ = model.hidden_states(batch["input_ids"], positions=batch["positions"],
-                                    segment_ids=batch["segment_ids"])
-    head = model.head_weight().astype(model.config.dtype)
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return cross_entropy_sum(hidden, head, batch["labels"], mask, chunk_size=loss_chunk), jnp.sum(mask)
+    """(sum of masked token losses, number of loss tokens), both float32 scalars: the SFT loss."""
+    return objectives.SupervisedFineTuning(loss_chunk).loss_sums(graphdef, params, batch)
 
 
 def _microbatches(batch: Batch, accum_steps: int) -> Batch:
-    """[B, L] -> [accum, B/accum, L], microbatch j taking rows j, j+accum, ...
+    """[B, ...] -> [accum, B/accum, ...], microbatch j taking rows j, j+accum, ...
 
     Interleaving keeps every microbatch spread over all data-parallel devices (contiguous blocks would
     put each microbatch on a few devices only).
     """
 
     def split(x):
-        rows, length = x.shape
+        rows = x.shape[0]
         if rows % accum_steps:
             raise ValueError(f"global batch of {rows} rows is not divisible by grad_accum_steps={accum_steps}")
-        x = x.reshape(rows // accum_steps, accum_steps, length).swapaxes(0, 1)
-        return sharding_lib.constrain(x, (None, "batch", "length"))
+        x = x.reshape(rows // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        names = ("batch", "length") if x.ndim == 3 else ("batch",) + (None,) * (x.ndim - 2)
+        return sharding_lib.constrain(x, (None, *names))
 
     return jax.tree.map(split, batch)
 
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                schedule: optax.Schedule, accum_steps: int = 1,
-               loss_chunk: int = DEFAULT_CHUNK_SIZE) -> tuple[TrainState, dict[str, jax.Array]]:
-    grad_fn = jax.value_and_grad(lambda p, b: loss_sums(graphdef, p, b, loss_chunk), has_aux=True)
+               objective: objectives.Objective = objectives.SupervisedFineTuning(),
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    grad_fn = jax.value_and_grad(lambda p, b: objective.loss_sums(graphdef, p, b), has_aux=True)
     if accum_steps == 1:
         (loss_sum, num_tokens), grads = grad_fn(state.params, batch)
     else:
@@ -71,7 +70,7 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: o
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (grads, loss_sum, num_tokens), _ = jax.lax.scan(
             body, (zeros, jnp.float32(0), jnp.float32(0)), _microbatches(batch, accum_steps))
-    # A batch without loss tokens (possible only with pathological data) gives zero gradients, not NaN.
+    # A batch without loss tokens or questions (possible only with pathological data) gives zero gradients, not NaN.
     denominator = jnp.maximum(num_tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -81,24 +80,28 @@ def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: o
         "loss": loss_sum / denominator,
         "grad_norm": optax.tree.norm(grads),
         "learning_rate": schedule(state.step),
-        "loss_tokens": num_tokens,
+        objective.count_name: num_tokens,
     }
     return new_state, metrics
 
 
-def eval_step(params: dict, batch: Batch, *, graphdef: nnx.GraphDef,
-              loss_chunk: int = DEFAULT_CHUNK_SIZE) -> tuple[jax.Array, jax.Array]:
-    return loss_sums(graphdef, params, batch, loss_chunk)
+def _batch_sharding(setup: TrainSetup, objective: objectives.Objective):
+    return sharding_lib.logical_sharding(setup.mesh, objective.batch_axes, setup.rules)
 
 
 def jit_train_step(setup: TrainSetup, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                   accum_steps: int = 1,
-                   loss_chunk: int = DEFAULT_CHUNK_SIZE) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """`train_step` jitted with explicit shardings; the input state is donated (updated in place)."""
-    batch_sharding = sharding_lib.batch_sharding(setup.mesh, setup.rules)
+                   accum_steps: int = 1, loss_chunk: int = DEFAULT_CHUNK_SIZE,
+                   objective: objectives.Objective | None = None,
+                   ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """`train_step` jitted with explicit shardings; the input state is donated (updated in place).
+
+    `objective` defaults to SFT with `loss_chunk` positions per chunk of the fused loss.
+    """
+    objective = objective or objectives.SupervisedFineTuning(loss_chunk)
+    batch_sharding = _batch_sharding(setup, objective)
     fn = jax.jit(
         lambda state, batch: train_step(state, batch, graphdef=setup.graphdef, tx=tx, schedule=schedule,
-                                        accum_steps=accum_steps, loss_chunk=loss_chunk),
+                                        accum_steps=accum_steps, objective=objective),
         in_shardings=(setup.shardings, batch_sharding),
         out_shardings=(setup.shardings, sharding_lib.replicated(setup.mesh)),
         donate_argnums=(0,),
@@ -107,10 +110,11 @@ def jit_train_step(setup: TrainSetup, tx: optax.GradientTransformation, schedule
 
 
 def jit_eval_step(setup: TrainSetup,
-                  loss_chunk: int = DEFAULT_CHUNK_SIZE) -> Callable[[dict, Batch], tuple[jax.Array, jax.Array]]:
-    batch_sharding = sharding_lib.batch_sharding(setup.mesh, setup.rules)
+                  objective: objectives.Objective) -> Callable[[dict, Batch], dict[str, jax.Array]]:
+    """The objective's evaluation sums of one batch (loss, count, ...), jitted like the train step."""
+    batch_sharding = _batch_sharding(setup, objective)
     fn = jax.jit(
-        lambda params, batch: eval_step(params, batch, graphdef=setup.graphdef, loss_chunk=loss_chunk),
+        lambda params, batch: objective.eval_sums(setup.graphdef, params, batch),
         in_shardings=(setup.shardings.params, batch_sharding),
         out_shardings=sharding_lib.replicated(setup.mesh),
     )
@@ -145,6 +149,7 @@ class TrainProgram:
     """
 
     setup: TrainSetup
+    objective: objectives.Objective
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]  # also has .lower(state, batch)
@@ -152,10 +157,11 @@ class TrainProgram:
 
 def build_train_program(config: ml_collections.ConfigDict, model_config: LlamaConfig, total_steps: int,
                         devices: Sequence[jax.Device] | None = None) -> TrainProgram:
-    """Mesh (over `devices`, default all), rules, optimizer, state shardings and the jitted train step."""
+    """Mesh (over `devices`, default all), rules, objective, optimizer, state shardings and the jitted step."""
     mesh = sharding_lib.make_mesh(sharding_lib.MeshConfig.from_config(config.mesh), devices)
     rules = sharding_lib.rules_from_config(config.sharding_rules)
+    objective = objectives.from_config(config)
     tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total_steps)
-    setup = state_lib.make_setup(model_config, tx, mesh, rules)
-    train_step = jit_train_step(setup, tx, schedule, config.grad_accum_steps, config.loss_chunk_size)
-    return TrainProgram(setup, tx, schedule, train_step)
+    setup = state_lib.make_setup(model_config, tx, mesh, rules, objective.model_class)
+    train_step = jit_train_step(setup, tx, schedule, config.grad_accum_steps, objective=objective)
+    return TrainProgram(setup, objective, tx, schedule, train_step)

@@ -29,9 +29,9 @@ def sp_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hf_tokenizer_dir(tmp_path_factory):
     """A byte-level BPE `tokenizer.json` with LLaMA-3-style special tokens, trained with `tokenizers`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     records = json.loads(SAMPLE_JSON.read_text())
     tok = Tokenizer(models.BPE())

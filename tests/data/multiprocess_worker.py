@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType, Mesh
 
 
 def example_texts(batch, tokenizer):
@@ -29,6 +28,7 @@ def example_texts(batch, tokenizer):
 def main(process_id: int, num_processes: int, port: int, data_dir: str, tokenizer_dir: str, out: str) -> None:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
                                process_id=process_id, initialization_timeout=120)
+    from alpacare_jax import sharding
     from alpacare_jax.data import pipeline
     from alpacare_jax.data.tokenizer import load_tokenizer
 
@@ -44,9 +44,9 @@ def main(process_id: int, num_processes: int, port: int, data_dir: str, tokenize
     config.num_epochs = 1
     train_batches = list(pipeline.make_train_iterator(config, tokenizer))
 
-    mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1, fsdp=1, tensor=1))
     local = eval_batches[0]
-    global_batch = pipeline.to_global_batch(local, mesh)
+    global_batch = pipeline.to_global_batch(local, mesh, sharding.batch_sharding(mesh).spec)
     gathered = multihost_utils.process_allgather(global_batch["input_ids"], tiled=True)
     loss_tokens = int(jax.jit(lambda m: jnp.sum(m))(global_batch["loss_mask"]))
     with open(out, "w") as f:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alpacare_jax.train.loop import train
 from alpacare_jax.train.metrics import read_metrics
-from tests.train.conftest import demo_config, hf_logits_match, restore_model
+from tests.train.harness import demo_config, hf_logits_match, restore_model
 
 
 def test_demo_loss_halves_and_export_matches(tmp_path, capfd):

@@ -11,7 +11,7 @@ import pytest
 from alpacare_jax import export_hf
 from alpacare_jax.train.loop import load_model_config, train
 from alpacare_jax.train.metrics import read_metrics
-from tests.train.conftest import hf_logits_match, restore_model, tiny_config
+from tests.train.harness import hf_logits_match, restore_model, tiny_config
 
 
 @pytest.fixture(scope="module")

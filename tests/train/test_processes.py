@@ -18,11 +18,13 @@ import pytest
 from alpacare_jax import sharding
 from alpacare_jax.data import pipeline
 from alpacare_jax.data.tokenizer import load_tokenizer
-from alpacare_jax.train import optimizer, state as state_lib, step as step_lib
+from alpacare_jax.train import optimizer
+from alpacare_jax.train import state as state_lib
+from alpacare_jax.train import step as step_lib
 from alpacare_jax.train.config import llama_config
 from alpacare_jax.train.loop import train
 from alpacare_jax.train.metrics import read_metrics
-from tests.train.conftest import free_port, run_train, subprocess_env, tiny_config, train_command
+from tests.train.harness import free_port, run_train, subprocess_env, tiny_config, train_command
 
 pytestmark = pytest.mark.slow
 

@@ -6,16 +6,17 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
-
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from alpacare_jax import sharding
 from alpacare_jax.data import pipeline
 from alpacare_jax.data.tokenizer import load_tokenizer
-from alpacare_jax.train import optimizer, state as state_lib, step as step_lib
+from alpacare_jax.train import optimizer
+from alpacare_jax.train import state as state_lib
+from alpacare_jax.train import step as step_lib
 from alpacare_jax.train.config import llama_config
-from tests.train.conftest import demo_config, tiny_config
+from tests.train.harness import demo_config, tiny_config
 
 
 @pytest.fixture(scope="module")

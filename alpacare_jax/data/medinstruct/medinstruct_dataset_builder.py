@@ -123,6 +123,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             records, skipped = reader(source, skip_bad_records=self._skip_bad_records)
             splits = {"test": records}
         self.num_skipped_records = skipped
+        # TFDS would fail later with a bare "No examples were yielded"; say which file and why.
+        if not records:
+            raise rec.RecordError(source, None, None, f"all {skipped} records are bad and were skipped"
+                                  if skipped else "holds no records")
+        if not next(iter(splits.values())):
+            raise rec.RecordError(source, None, None, f"all {len(records)} records fall into the validation "
+                                  f"split (validation_fraction={self._validation_fraction}): none left to train on")
         return {split: self._generate_examples(rows) for split, rows in splits.items()}
 
     def _generate_examples(self, rows: list[dict]):

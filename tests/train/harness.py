@@ -1,8 +1,5 @@
-"""Fixtures for the trainer tests: one tokenizer + TFDS build of the bundled sample per session, tiny configs.
-
-The build uses the trainer's own bootstrap (what the demo does on first run); every test then points
-its config at the built files, so nothing is rebuilt per test.
-"""
+"""Helpers for the tests that train: tiny configs over the `prepared` sample build (tests/conftest.py),
+in-process and subprocess runs, restoring a trained model."""
 
 from __future__ import annotations
 
@@ -13,27 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.conftest import TEST_VOCAB
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.py"
-TEST_VOCAB = 512
-
-
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> Path:
-    """A directory with `tokenizer/` and `tfds/` built from the sample by the trainer's bootstrap."""
-    from alpacare_jax.train.config import base_config
-    from alpacare_jax.train.loop import prepare_data, prepare_tokenizer
-    from etils import epath
-
-    root = epath.Path(tmp_path_factory.mktemp("prepared"))
-    config = base_config()
-    config.bootstrap.source = "sample"
-    config.bootstrap.tokenizer_vocab_size = TEST_VOCAB
-    prepare_tokenizer(config, root)
-    prepare_data(config, root)
-    return Path(root)
 
 
 def demo_config():
