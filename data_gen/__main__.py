@@ -1,12 +1,14 @@
 """Command line: ``python -m data_gen {instructions,dedup,responses,judge,keywords,contexts} ...``.
 
-The endpoint comes from ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` (or ``--base-url`` /
-``--api-key``), so any OpenAI-compatible server works. Every API command resumes: rerun
-the same command after a crash or Ctrl-C and it continues where it stopped.
+The endpoint comes from ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` (or ``--base_url`` /
+``--api_key``), so any OpenAI-compatible server works. Every API command resumes: rerun
+the same command after a crash or Ctrl-C and it continues where it stopped. Flags are
+spelled with underscores; the dashed spelling of older command lines (``--max-cost``) works too.
 Exit status: 0 done, 1 unfinished (budget reached, failed requests, fatal API error; for
 ``judge`` also a comparison without any scored verdict), 2 bad input (including input paths
-that are missing, directories or unreadable), 3 (``judge``) reference examples missing from
-the model outputs without ``--allow-missing``, 130 interrupted.
+that are missing, directories or unreadable, and for ``judge`` a reference file that no
+outputs file answers, without ``--allow_missing``), 3 (``judge``) reference examples missing
+from the model outputs without ``--allow_missing``, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from . import instructions as instr_mod
 from . import judge as judge_mod
 from . import keywords as kw_mod
 from . import responses as resp_mod
-from .client import ClientConfig
-from .errors import DataError, FatalAPIError
+from .cli import add_client_flags, run_settings, silence_transport_logs, underscore_flags
+from .errors import DataError, FatalAPIError, JudgeIncomplete
 from .runner import RunSettings, RunSummary
 from .store import write_json_atomic
 
@@ -32,30 +33,12 @@ log = logging.getLogger("data_gen")
 
 
 def _api_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("endpoint and client")
-    g.add_argument("--base-url", help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI)")
-    g.add_argument("--api-key", help="API key (default: $OPENAI_API_KEY; prefer the variable: flags show in ps)")
-    g.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
-    g.add_argument("--rpm", type=float, help="client-side limit, requests per minute")
-    g.add_argument("--tpm", type=float, help="client-side limit, tokens per minute")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt")
-    g.add_argument("--max-attempts", type=int, default=6, help="attempts per request (429/5xx/timeouts)")
-    g.add_argument("--backoff-base", type=float, default=1.0, help="first backoff in seconds (doubles)")
-    g.add_argument("--max-retry-wait", type=float, default=600.0, help="total seconds one request may wait in retries")
-    g.add_argument("--max-cost", type=float, help="USD budget for this run: stop cleanly before exceeding it")
-    g.add_argument("--price-in", type=float, help="USD per 1M prompt tokens (overrides the built-in list)")
-    g.add_argument("--price-out", type=float, help="USD per 1M completion tokens")
-    g.add_argument("--batch-api", action="store_true", help="use the OpenAI Batch API (half price, resumable)")
-    g.add_argument("--batch-poll-seconds", type=float, default=30.0)
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_client_flags(p)
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
 def _settings(a: argparse.Namespace) -> RunSettings:
-    client = ClientConfig(base_url=a.base_url, api_key=a.api_key, concurrency=a.concurrency, rpm=a.rpm, tpm=a.tpm,
-                          timeout=a.timeout, max_attempts=a.max_attempts, backoff_base=a.backoff_base,
-                          max_total_wait=a.max_retry_wait)
-    return RunSettings(client=client, max_cost=a.max_cost, price_in=a.price_in, price_out=a.price_out,
-                       batch_api=a.batch_api, batch_poll_seconds=a.batch_poll_seconds, progress=not a.no_progress)
+    return run_settings(a, progress=not a.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,16 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("instructions", help="generate new tasks from seed tasks")
     p.add_argument("--seeds", required=True, type=Path, help="seed tasks (med_seed.json format)")
     p.add_argument("--out", required=True, type=Path, help="append-only JSONL, one record per request")
-    p.add_argument("--num-requests", type=int, required=True)
+    p.add_argument("--num_requests", type=int, required=True)
     d = instr_mod.GenerationConfig()
-    p.add_argument("--tasks-per-request", type=int, default=d.tasks_per_request)
-    p.add_argument("--seeds-per-request", type=int, default=d.seeds_per_request)
+    p.add_argument("--tasks_per_request", type=int, default=d.tasks_per_request)
+    p.add_argument("--seeds_per_request", type=int, default=d.seeds_per_request)
     p.add_argument("--model", default=d.model)
     p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--top-p", type=float, default=d.top_p)
-    p.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
-    p.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--top_p", type=float, default=d.top_p)
+    p.add_argument("--presence_penalty", type=float, default=d.presence_penalty)
+    p.add_argument("--frequency_penalty", type=float, default=d.frequency_penalty)
+    p.add_argument("--max_tokens", type=int, default=d.max_tokens)
     p.add_argument("--seed", type=int, default=d.seed, help="sampling of seed tasks per request")
     _api_options(p)
 
@@ -88,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.7)
     p.add_argument("--rule", choices=["keep-first", "all-vs-all"], default="keep-first",
                    help="all-vs-all reproduces AlpaCare's rule (both members of a pair dropped), for comparison")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true")
 
     p = sub.add_parser("responses", help="answer each instruction (MedInstruct-52k format)")
     p.add_argument("--in", dest="inputs", required=True, type=Path, help="tasks (JSON list or JSONL)")
@@ -97,30 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
     r = resp_mod.ResponseConfig()
     p.add_argument("--model", default=r.model)
     p.add_argument("--temperature", type=float, default=r.temperature)
-    p.add_argument("--top-p", type=float, default=r.top_p)
-    p.add_argument("--max-tokens", type=int, default=r.max_tokens)
-    p.add_argument("--max-tokens-cap", type=int, default=r.max_tokens_cap,
+    p.add_argument("--top_p", type=float, default=r.top_p)
+    p.add_argument("--max_tokens", type=int, default=r.max_tokens)
+    p.add_argument("--max_tokens_cap", type=int, default=r.max_tokens_cap,
                    help="truncated answers are retried with doubled max_tokens up to this")
     _api_options(p)
 
     p = sub.add_parser("judge", help="pairwise LLM judge: model outputs vs reference outputs")
-    p.add_argument("--outputs", required=True, type=Path, nargs="+", help="model outputs [{id,instruction,input,output,generator}]")
-    p.add_argument("--reference", required=True, type=Path, nargs="+", help="reference outputs (AlpaCare files as they are)")
-    p.add_argument("--output-field", help="field holding the model's output (default: output/response/...)")
-    p.add_argument("--reference-field", help="field holding the reference output, e.g. gpt-4-answer")
-    p.add_argument("--model-name", help="default: the outputs' 'generator' field, else the file name")
-    p.add_argument("--reference-name", help="default: the reference file's folder name (e.g. gpt-4)")
-    p.add_argument("--test-set", nargs="+", help="the test set of each --reference file (one name for all, or one "
+    p.add_argument("--outputs", required=True, type=Path, nargs="+",
+                   help="model outputs [{id,instruction,input,output,generator}]")
+    p.add_argument("--reference", required=True, type=Path, nargs="+",
+                   help="reference outputs (AlpaCare files as they are)")
+    p.add_argument("--output_field", help="field holding the model's output (default: output/response/...)")
+    p.add_argument("--reference_field", help="field holding the reference output, e.g. gpt-4-answer")
+    p.add_argument("--model_name", help="default: the outputs' 'generator' field, else the file name")
+    p.add_argument("--reference_name", help="default: the reference file's folder name (e.g. gpt-4)")
+    p.add_argument("--test_set", nargs="+", help="the test set of each --reference file (one name for all, or one "
                    "each); default: from the file or folder name (iCliniq / MedInstruct-test)")
-    p.add_argument("--allow-missing", action="store_true",
-                   help="exit 0 even when reference examples have no model output (they are still listed)")
+    p.add_argument("--allow_missing", action="store_true",
+                   help="exit 0 even when reference examples (or whole --reference files) have no model "
+                        "output; they are still listed")
     j = judge_mod.JudgeConfig()
-    p.add_argument("--judge-model", default=j.model)
-    p.add_argument("--judge-max-tokens", type=int, default=j.max_tokens)
-    p.add_argument("--judge-max-tokens-cap", type=int, default=j.max_tokens_cap,
+    p.add_argument("--judge_model", default=j.model)
+    p.add_argument("--judge_max_tokens", type=int, default=j.max_tokens)
+    p.add_argument("--judge_max_tokens_cap", type=int, default=j.max_tokens_cap,
                    help="a verdict cut off by max_tokens is asked again with doubled max_tokens up to this")
     p.add_argument("--annotations", required=True, type=Path, help="annotation cache (JSONL), shared across runs")
-    p.add_argument("--summary-dir", type=Path, help="where summaries go (default: next to --annotations)")
+    p.add_argument("--summary_dir", type=Path, help="where summaries go (default: next to --annotations)")
     _api_options(p)
 
     p = sub.add_parser("keywords", help="medical keywords of multiple-choice questions, locally (no network)")
@@ -129,11 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="JSONL {id, keywords, options, answer?, words_total, "
                    "words_kept, privacy_budget}")
     p.add_argument("--extractor", choices=["default", "scispacy"], default="default",
-                   help="default: YAKE (no model download); scispacy: entities of --spacy-model (the paper's)")
-    p.add_argument("--spacy-model", default="en_core_sci_sm")
-    p.add_argument("--max-share", type=float, default=kw_mod.MAX_SHARE,
+                   help="default: YAKE (no model download); scispacy: entities of --spacy_model (the paper's)")
+    p.add_argument("--spacy_model", default="en_core_sci_sm")
+    p.add_argument("--max_share", type=float, default=kw_mod.MAX_SHARE,
                    help="at most this share of a question's words become keywords")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true")
 
     p = sub.add_parser("contexts", help="LLM-written context per question from its keywords and options only")
     p.add_argument("--keywords", required=True, type=Path, help="the output of the keywords command")
@@ -142,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = ctx_mod.ContextConfig()
     p.add_argument("--model", default=c.model)
     p.add_argument("--temperature", type=float, default=c.temperature)
-    p.add_argument("--max-tokens", type=int, default=c.max_tokens)
-    p.add_argument("--retry-rejected", action="store_true",
+    p.add_argument("--max_tokens", type=int, default=c.max_tokens)
+    p.add_argument("--retry_rejected", action="store_true",
                    help="request again the questions whose replies were rejected (malformed or truncated)")
     _api_options(p)
     return ap
@@ -171,7 +157,8 @@ def cmd_dedup(a: argparse.Namespace) -> int:
     tasks = [t for path in a.inputs for t in instr_mod.flatten_tasks(path)]
     for i, t in enumerate(tasks):
         if not isinstance(t.get("instruction"), str):
-            raise DataError(a.inputs[0] if len(a.inputs) == 1 else "inputs", i, "instruction", "missing or not a string")
+            raise DataError(a.inputs[0] if len(a.inputs) == 1 else "inputs", i, "instruction",
+                            "missing or not a string")
     seeds = instr_mod.load_seed_tasks(a.seeds) if a.seeds else []
     seed_texts = [str(s["instruction"]) for s in seeds]
     res = dedup_mod.deduplicate([t["instruction"] for t in tasks], seed_texts, a.threshold, a.rule,
@@ -181,7 +168,8 @@ def cmd_dedup(a: argparse.Namespace) -> int:
         a.dropped.parent.mkdir(parents=True, exist_ok=True)
         with a.dropped.open("w", encoding="utf-8") as f:
             for d in res.dropped:
-                other = seed_texts[d["duplicate_of"]] if d["duplicate_of_seed"] else tasks[d["duplicate_of"]]["instruction"]
+                other = (seed_texts[d["duplicate_of"]] if d["duplicate_of_seed"]
+                         else tasks[d["duplicate_of"]]["instruction"])
                 f.write(json.dumps({**d, "instruction": tasks[d["index"]]["instruction"],
                                     "duplicate_of_instruction": other}, ensure_ascii=False) + "\n")
     print(json.dumps(res.stats), file=sys.stderr)
@@ -200,37 +188,17 @@ def cmd_responses(a: argparse.Namespace) -> int:
 def cmd_judge(a: argparse.Namespace) -> int:
     comps = judge_mod.build_comparisons(
         a.outputs, a.reference, test_sets=a.test_set, output_field=a.output_field,
-        reference_field=a.reference_field, model_name=a.model_name, reference_name=a.reference_name)
+        reference_field=a.reference_field, model_name=a.model_name, reference_name=a.reference_name,
+        allow_missing=a.allow_missing)
     cfg = judge_mod.JudgeConfig(model=a.judge_model, max_tokens=a.judge_max_tokens,
-                                max_tokens_cap=max(a.judge_max_tokens, a.judge_max_tokens_cap))
-    summary, results = judge_mod.run_judge(comps, cfg, _settings(a), a.annotations,
-                                           a.summary_dir or a.annotations.parent)
-    status = _report(summary)
-    for s in results:
-        print(f"{s.line()} -> {judge_mod.summary_path(a.summary_dir or a.annotations.parent, s)}")
-        if s.n_missing:
-            shown = ", ".join(s.missing_ids[:20]) + (", ..." if s.n_missing > 20 else "")
-            print(f"{s.model} vs {s.reference_model} on {s.test_set}: {s.n_missing} of {s.n_reference} reference "
-                  f"examples have no model output (ids: {shown})", file=sys.stderr)
-    if any(s.n_examples == 0 for s in results) and status == 0:
-        print("error: a comparison has no scored verdict at all; its win rate is undefined", file=sys.stderr)
-        status = 1
-    if any(s.n_missing for s in results) and not a.allow_missing and status == 0:
-        print("error: reference examples are missing from the model outputs (the win rates above are over "
-              "the others); pass --allow-missing to accept that", file=sys.stderr)
-        status = 3
-    return status
-
-
-# The HTTP transport family: openai and whichever httpx/httpcore generation it uses (httpx2,
-# httpcore2.connection, ...), h11, h2. Matched by name when a record is emitted, so loggers
-# created after this module (or renamed by a new transport release) are covered too.
-_TRANSPORT = re.compile(r"^(openai|httpx|httpcore|h11|h2|hpack)[\w]*(\.|$)")
-
-
-def quiet_transport(record: logging.LogRecord) -> bool:
-    """Drop the transport's records below WARNING: its debug lines show request details, even with -v."""
-    return record.levelno >= logging.WARNING or not _TRANSPORT.match(record.name)
+                                max_tokens_cap=a.judge_max_tokens_cap)
+    summary_dir = a.summary_dir or a.annotations.parent
+    result = judge_mod.run_judge(comps, cfg, _settings(a), a.annotations, summary_dir)
+    print(result.run.line(), file=sys.stderr)
+    for s in result.summaries:
+        print(f"{s.line()} -> {judge_mod.summary_path(summary_dir, s)}")
+    result.check(allow_missing=a.allow_missing)
+    return 0
 
 
 def cmd_keywords(a: argparse.Namespace) -> int:
@@ -255,13 +223,15 @@ COMMANDS = {"instructions": cmd_instructions, "dedup": cmd_dedup, "responses": c
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(underscore_flags(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(quiet_transport)
+    silence_transport_logs()  # its debug lines show request details, even with -v
     try:
         return COMMANDS[args.command](args)
+    except JudgeIncomplete as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

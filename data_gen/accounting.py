@@ -1,7 +1,7 @@
-"""Token usage and cost accounting, with a hard budget (``--max-cost``).
+"""Token usage and cost accounting, with a hard budget (``--max_cost``).
 
 Prices are USD per million tokens (input, output) of OpenAI's public list prices; the Batch
-API costs half. Unknown models cost 0 unless ``--price-in/--price-out`` are given, and the
+API costs half. Unknown models cost 0 unless ``--price_in/--price_out`` are given, and the
 run says so once, so that a budget is never silently meaningless.
 
 The budget is checked *before* a request is sent, against what is already spent plus the
@@ -79,7 +79,7 @@ class CostMeter:
             if model not in self._warned:
                 self._warned.add(model)
                 log.warning("no price known for model %r: its cost counts as 0 "
-                            "(pass --price-in/--price-out to budget it)", model)
+                            "(pass --price_in/--price_out to budget it)", model)
             return Price(0.0, 0.0)
         return p
 
@@ -92,7 +92,7 @@ class CostMeter:
             if self.max_cost is not None and self.spent + self.reserved + amount > self.max_cost:
                 raise BudgetExceeded(
                     f"budget of ${self.max_cost:.4f} reached (spent ${self.spent:.4f}, "
-                    f"in flight ${self.reserved:.4f}); stopped cleanly: rerun with a higher --max-cost to continue")
+                    f"in flight ${self.reserved:.4f}); stopped cleanly: rerun with a higher --max_cost to continue")
             self.reserved += amount
 
     def release(self, amount: float) -> None:

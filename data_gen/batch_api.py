@@ -1,4 +1,4 @@
-"""``--batch-api``: run jobs through the OpenAI Batch API (files + batches) at half the price.
+"""``--batch_api``: run jobs through the OpenAI Batch API (files + batches) at half the price.
 
 Resumable by stored batch ids: every batch created is written at once to
 ``<store>.batches.json`` with the request ids it covers. A rerun polls the batches it knows
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .accounting import CostMeter, estimate_tokens
 from .client import MalformedCompletion, completion_from_dict
 from .errors import BudgetExceeded
-from .runner import ErrorLog, Job, Retry, RunSettings, RunSummary, ToRecord
+from .runner import ErrorLog, Job, RunSettings, RunSummary, ToRecord
 from .store import JsonlStore, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,9 @@ def run_batch(pending: Sequence[Job], store: JsonlStore, to_record: ToRecord, se
               meter: CostMeter, summary: RunSummary, errors: ErrorLog, *, desc: str = "batch") -> None:
     """Submit the pending jobs no stored batch covers, then collect every open batch into ``store``.
 
-    ``to_record`` is called with ``can_retry=False``: a result that would need another round
-    (a truncated judge verdict) is stored as provisional, and the next call sends it again.
+    One call is one round: a result that needs another (a reply cut off below the max_tokens cap)
+    is stored as provisional, and the runner's next round sends it again. The budget reserved for a
+    batch submitted here is released when its results are in, which then count at their real cost.
     """
     cfg = settings.client
     client = openai.OpenAI(api_key=cfg.resolved_key(), base_url=cfg.resolved_base_url(),
@@ -66,11 +67,13 @@ def run_batch(pending: Sequence[Job], store: JsonlStore, to_record: ToRecord, se
     jobs = {j.request_id: j for j in pending}
     covered = {rid for b in state["batches"] if not b["collected"] for rid in b["request_ids"]}
     new = [j for j in pending if j.request_id not in covered]
+    reserved: dict[str, float] = {}  # batch id -> worst-case cost reserved for it by this call
 
     for start in range(0, len(new), MAX_REQUESTS_PER_BATCH):
         chunk = new[start:start + MAX_REQUESTS_PER_BATCH]
+        worst = sum(_worst_case(meter, j) for j in chunk)
         try:
-            meter.reserve(sum(_worst_case(meter, j) for j in chunk))
+            meter.reserve(worst)
         except BudgetExceeded as e:
             summary.stopped_reason = str(e)
             break
@@ -80,6 +83,7 @@ def run_batch(pending: Sequence[Job], store: JsonlStore, to_record: ToRecord, se
                                            io.BytesIO(payload.encode("utf-8"))), purpose="batch")
         batch = client.batches.create(input_file_id=upload.id, endpoint=ENDPOINT, completion_window="24h",
                                       metadata={"data_gen_store": store.path.name})
+        reserved[batch.id] = worst
         state["batches"].append({"id": batch.id, "input_file_id": upload.id, "collected": False,
                                  "request_ids": [j.request_id for j in chunk]})
         write_json_atomic(spath, state)
@@ -107,6 +111,7 @@ def run_batch(pending: Sequence[Job], store: JsonlStore, to_record: ToRecord, se
             if batch.status != "completed":
                 log.warning("batch %s ended as %s; its missing requests will be resubmitted by the next run",
                             entry["id"], batch.status)
+            meter.release(reserved.pop(entry["id"], 0.0))
             entry["collected"] = True
             write_json_atomic(spath, state)
             bar.update(len(entry["request_ids"]))
@@ -140,8 +145,5 @@ def _collect(text: str, jobs: dict[str, Job], store: JsonlStore, to_record: ToRe
         cost = meter.add_usage(completion.model or job.body["model"], completion.prompt_tokens,
                                completion.completion_tokens)
         completion = type(completion)(**{**completion.__dict__, "cost": cost})
-        out = to_record(job, completion, False)
-        if isinstance(out, Retry):  # to_record must not ask for a retry when told it cannot
-            raise AssertionError("to_record returned Retry with can_retry=False")
-        store.append(out)
+        store.append(to_record(job, completion))
         summary.completed += 1

@@ -55,7 +55,7 @@ class ClientConfig:
     def resolved_key(self) -> str:
         key = self.api_key or os.environ.get("OPENAI_API_KEY")
         if not key:
-            raise FatalAPIError("no API key: set OPENAI_API_KEY or pass --api-key")
+            raise FatalAPIError("no API key: set OPENAI_API_KEY or pass --api_key")
         return key
 
     def resolved_base_url(self) -> str | None:

@@ -10,7 +10,7 @@ The reply is parsed into an overall context, one context per option and a prelim
 answer. Truncated (``finish_reason == "length"``) and malformed replies are never stored as
 results: they go to ``<out>.rejected.jsonl`` with the reason and the raw text, are counted,
 and are not requested again (at temperature 0 the same prompt gives the same reply) unless
-``--retry-rejected`` is given. Resume, rate limits, the cost cap and the Batch API are the
+``--retry_rejected`` is given. Resume, rate limits, the cost cap and the Batch API are the
 shared ``runner`` machinery; the request id is ``ctx-<question id>``, so each question gets
 exactly one stored context.
 """
@@ -263,7 +263,7 @@ def make_jobs(items: Sequence[KeywordInput], cfg: ContextConfig) -> list[Job]:
     return jobs
 
 
-def to_record(job: Job, completion: Completion, can_retry: bool) -> dict:
+def to_record(job: Job, completion: Completion) -> dict:
     """The stored record: a parsed context, or a rejection (``rejected`` says why) kept apart."""
     it: KeywordInput = job.meta["item"]
     keys = list(it.options)
@@ -353,6 +353,6 @@ def generate(keywords_file: str | Path, out: str | Path, cfg: ContextConfig, set
     rejected = counts["rejected_malformed"] + counts["rejected_truncated"]
     if rejected:
         log.warning("%d replies were rejected (malformed or truncated); see %s.rejected.jsonl, "
-                    "and rerun with --retry-rejected to request them again", rejected, out)
+                    "and rerun with --retry_rejected to request them again", rejected, out)
     return summary, counts
 

@@ -92,7 +92,7 @@ class _Corpus:
         self.prefixes: list[list[int]] = []
         for e in elems:
             m = len(e)
-            ordered = sorted((rank[x] for x in e))
+            ordered = sorted(rank[x] for x in e)
             self.prefixes.append(ordered[: max(0, m - min_overlap(m, threshold) + 1)] if m else [])
 
 

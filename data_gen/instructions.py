@@ -66,7 +66,7 @@ def make_jobs(seeds: list[dict], num_requests: int, cfg: GenerationConfig) -> li
     return jobs
 
 
-def to_record(job: Job, completion: Completion, can_retry: bool) -> dict:
+def to_record(job: Job, completion: Completion) -> dict:
     """Parse the completion; truncated last tasks and broken ones are counted, not kept."""
     parsed = parse_tasks(completion.content, completion.finish_reason)
     return {"request_id": job.request_id, "seed_indices": job.meta["seed_indices"],

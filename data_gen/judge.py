@@ -8,96 +8,38 @@ means (the two orders of one example are not independent).
 
 Nothing changes the number silently. Verdicts that cannot be parsed are counted and
 reported; replies cut off by ``max_tokens`` are never parsed but asked again with twice the
-tokens, and counted apart if still cut at the cap; reference examples the model outputs do
-not answer are counted, listed and make the comparison incomplete.
+tokens, and counted apart if still cut at the cap (below it they are pending: a rerun asks
+them); reference examples the model outputs do not answer are counted, listed and make the
+comparison incomplete; ``JudgeResult.check`` turns all of that into one exit status, the same
+for every command that reports win rates. Each comparison's summary has a file of its own.
 
 Every verdict is stored in an annotation cache (an append-only JSONL keyed by a hash of
 judge model, prompt version, instruction, input and both outputs in order), so rerunning,
 or judging the same outputs against another table column, costs nothing for pairs already
 judged.
-
-Output files of AlpaCare's release differ in schema: ``output`` (gpt-4, gpt-3.5-turbo,
-text-davinci-003), ``response`` (claude-2), a Human/Assistant ``prompt`` instead of
-instruction/input (claude-2 on iCliniq), one column per model (MedInstruct-test.jsonl).
-``load_outputs`` reads them all as they are.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .client import Completion
-from .errors import DataError
-from .prompts import JUDGE_PROMPT_VERSION, NO_INPUT, judge_messages
-from .runner import Job, Retry, RunSettings, RunSummary, run_jobs
+from .errors import DataError, JudgeIncomplete
+from .outputs import Example, load_outputs, text_key
+from .prompts import JUDGE_PROMPT_VERSION, judge_messages
+from .runner import Job, MaxTokensGrowth, RunSettings, RunSummary, is_truncated, run_jobs
 from .store import JsonlStore, read_records, write_json_atomic
 
-OUTPUT_FIELDS = ("output", "response", "completion", "answer")
-_CLAUDE_PROMPT = re.compile(r"^\s*Human:\s*(?P<header>.*?)\n\n(?P<question>.*?)\s*(?:\n\s*)?Assistant:\s*$", re.DOTALL)
+log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Example:
-    instruction: str
-    input: str
-    output: str
-    index: int  # position in its file
-    id: str | None = None
-
-    @property
-    def label(self) -> str:
-        """How a summary names this example: its ``id``, else its position in the file."""
-        return self.id if self.id is not None else str(self.index)
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
-def text_key(instruction: str, inp: str) -> str:
-    """Instruction and input as one normalised string, the key that pairs two files' answers to one task.
-
-    Case and whitespace are ignored, ``<noinput>`` means no input, and ("", q) and (q, "") match.
-    """
-    inp = "" if inp.strip() == NO_INPUT else inp
-    return _norm(f"{instruction} {inp}")
-
-
-def load_outputs(path: str | Path, field: str | None = None) -> list[Example]:
-    """Read model or reference outputs in any of the schemas described in the module docstring."""
-    records = read_records(path)
-    out = []
-    for i, r in enumerate(records):
-        if field is not None:
-            if field not in r:
-                raise DataError(path, i, field, "missing (the output field named by --*-field)")
-            output = r[field]
-        else:
-            name = next((f for f in OUTPUT_FIELDS if f in r), None)
-            if name is None:
-                raise DataError(path, i, "output", f"none of {OUTPUT_FIELDS} present; pass the field name")
-            output = r[name]
-        if not isinstance(output, str):
-            raise DataError(path, i, field or "output", f"expected a string, got {type(output).__name__}")
-        if "instruction" in r or "input" in r:
-            instruction, inp = r.get("instruction") or "", r.get("input") or ""
-        elif "prompt" in r:
-            m = _CLAUDE_PROMPT.match(r["prompt"])
-            if not m:
-                raise DataError(path, i, "prompt", "not in the 'Human: ...\\n\\n<question>\\nAssistant:' form")
-            instruction, inp = "", m.group("question")
-        else:
-            raise DataError(path, i, "instruction", "missing (and no 'prompt' field either)")
-        if not isinstance(instruction, str) or not isinstance(inp, str):
-            raise DataError(path, i, "instruction", "instruction and input must be strings")
-        rid = r.get("id")
-        out.append(Example(instruction=instruction, input=inp, output=output, index=i,
-                           id=None if rid is None else str(rid)))
-    return out
+SUMMARY_GLOB = "winrate__*.json"  # what summary_path names: the summaries of a folder
 
 
 @dataclass(frozen=True)
@@ -230,6 +172,10 @@ class JudgeConfig:
     max_tokens: int = 32
     max_tokens_cap: int = 512  # a verdict cut off by max_tokens is asked again with twice as many, up to this
 
+    @property
+    def growth(self) -> MaxTokensGrowth:
+        return MaxTokensGrowth(max(self.max_tokens, self.max_tokens_cap))
+
 
 def annotation_id(cfg: JudgeConfig, ex: Example, output_a: str, output_b: str) -> str:
     h = hashlib.sha256("\x00".join([cfg.model, JUDGE_PROMPT_VERSION, ex.instruction, ex.input, output_a,
@@ -248,7 +194,7 @@ class Comparison:
     test_set: str
     pairs: list[tuple[Example, Example]]  # (model example, reference example)
     missing: list[Example]  # reference examples the model outputs do not answer
-    n_reference: int  # examples in the reference file
+    n_reference: int  # reference examples expected to be answered (the file's, or its first reference_limit)
 
 
 def infer_test_set(path: Path) -> str:
@@ -271,52 +217,46 @@ def default_model_name(path: Path, records: list[dict]) -> str:
     return path.stem
 
 
-def _comparison(outputs: Path, model_ex: list[Example], reference: Path, matching: Matching, n_reference: int,
-                model_name: str, reference_name: str, test_set: str) -> Comparison:
+def _comparison(outputs: Path, reference: Path, matching: Matching, n_reference: int, model_name: str,
+                reference_name: str, test_set: str, reference_limit: int | None) -> Comparison:
     if matching.unmatched:
         m = matching.unmatched[0]
         raise DataError(outputs, m.index, "instruction",
                         f"matches no (unused) reference record in {reference} "
                         f"(instruction+input starts {text_key(m.instruction, m.input)[:80]!r})")
+    pairs, missing = matching.pairs, matching.missing
+    if reference_limit is not None:  # a run over the first examples only: the others are not expected
+        pairs = [(m, r) for m, r in pairs if r.index < reference_limit]
+        missing = [r for r in missing if r.index < reference_limit]
+        n_reference = min(n_reference, reference_limit)
     return Comparison(model_outputs=outputs, reference_outputs=reference, model_name=model_name,
-                      reference_name=reference_name, test_set=test_set, pairs=matching.pairs,
-                      missing=matching.missing, n_reference=n_reference)
+                      reference_name=reference_name, test_set=test_set, pairs=pairs, missing=missing,
+                      n_reference=n_reference)
 
 
-def build_comparison(outputs: Path, reference: Path, *, output_field: str | None = None,
-                     reference_field: str | None = None, model_name: str | None = None,
-                     reference_name: str | None = None, test_set: str | None = None) -> Comparison:
-    """The comparison of one model-outputs file with one reference file known to share its test set.
-
-    Every model record must answer a reference example (else ``DataError``); reference examples
-    without a model record are the comparison's ``missing`` ones.
-    """
-    model_ex = load_outputs(outputs, output_field)
-    ref_ex = load_outputs(reference, reference_field)
-    return _comparison(outputs, model_ex, reference, match_examples(model_ex, ref_ex), len(ref_ex),
-                       model_name or default_model_name(outputs, read_records(outputs)),
-                       reference_name or reference_field or reference.parent.name,
-                       test_set or infer_test_set(reference))
-
-
-def build_comparisons(outputs: list[Path], references: list[Path], *, test_sets: list[str] | None = None,
+def build_comparisons(outputs: Sequence[Path], references: Sequence[Path], *, test_sets: Sequence[str] | None = None,
                       output_field: str | None = None, reference_field: str | None = None,
-                      model_name: str | None = None, reference_name: str | None = None) -> list[Comparison]:
+                      model_name: str | None = None, reference_name: str | None = None,
+                      reference_limit: int | None = None, allow_missing: bool = False) -> list[Comparison]:
     """Pair every outputs file with each reference file whose questions it answers, by content.
 
     A reference answers an outputs file when most of its records match (instruction + input),
     so file names do not matter: AlpaCare's ``<model>/medinstruct/seed_0.json`` pairs with
     ``gpt-4/medsi_output.jsonl``. ``test_sets`` names the test set of each reference (one name
     for all, or one per reference); by default it comes from the reference's file or folder name.
-    An outputs file that answers no reference is a ``DataError``: nothing is ever judged silently.
+    ``reference_limit``: only the first N examples of each reference are expected (a smoke run).
+    An outputs file that answers no reference is a ``DataError``, and so is a reference file that
+    no outputs file answers unless ``allow_missing`` (then it is only reported): nothing is ever
+    left out silently.
     """
     if test_sets is not None and len(test_sets) not in (1, len(references)):
-        raise DataError("--test-set", None, None, f"give one name, or one per reference file "
+        raise DataError("--test_set", None, None, f"give one name, or one per reference file "
                                                   f"({len(references)}), not {len(test_sets)}")
     names = [None] * len(references) if test_sets is None else (
-        test_sets * len(references) if len(test_sets) == 1 else list(test_sets))
+        list(test_sets) * len(references) if len(test_sets) == 1 else list(test_sets))
     refs = [(path, load_outputs(path, reference_field)) for path in references]
     comparisons = []
+    best_answer: dict[Path, tuple[int, Path | None]] = {path: (0, None) for path in references}
     for out in outputs:
         model_ex = load_outputs(out, output_field)
         if not model_ex:
@@ -326,75 +266,60 @@ def build_comparisons(outputs: list[Path], references: list[Path], *, test_sets:
         for (ref_path, ref_ex), test_set in zip(refs, names):
             matching = match_examples(model_ex, ref_ex)
             matched.append((len(matching.pairs), ref_path))
+            best_answer[ref_path] = max(best_answer[ref_path], (len(matching.pairs), out), key=lambda x: x[0])
             if 2 * len(matching.pairs) > len(model_ex):
                 comparisons.append(_comparison(
-                    out, model_ex, ref_path, matching, len(ref_ex), name,
-                    reference_name or reference_field or ref_path.parent.name,
-                    test_set or infer_test_set(ref_path)))
+                    out, ref_path, matching, len(ref_ex), name,
+                    reference_name or reference_field or ref_path.parent.name, test_set or infer_test_set(ref_path),
+                    reference_limit))
         if not any(c.model_outputs == out for c in comparisons):
             best, best_ref = max(matched, key=lambda x: x[0])
             raise DataError(out, None, None, f"answers none of the reference sets: at most {best} of its "
                                              f"{len(model_ex)} records match one ({best_ref})")
+    for (ref_path, ref_ex) in refs:
+        if any(c.reference_outputs == ref_path for c in comparisons):
+            continue
+        best, best_out = best_answer[ref_path]
+        answered = (f"at most {best} of its {len(ref_ex)} records are answered by one, {best_out}" if best
+                    else f"none of its {len(ref_ex)} records is answered")
+        problem = f"no outputs file answers this reference set ({answered})"
+        if not allow_missing:
+            raise DataError(ref_path, None, None, f"{problem}; pass --allow_missing to judge without it")
+        log.warning("%s: %s; left out (--allow_missing)", ref_path, problem)
     return comparisons
 
 
-def jobs_for(comp: Comparison, cfg: JudgeConfig, max_tokens: dict[str, int] | None = None
-             ) -> list[tuple[Job, int, str]]:
-    """(job, reference example index, order) for both orders of every example.
-
-    ``max_tokens`` gives the starting size per request id (more for a verdict that was cut off before).
-    """
+def jobs_for(comp: Comparison, cfg: JudgeConfig) -> list[tuple[Job, int, str]]:
+    """(job, reference example index, order) for both orders of every example."""
     out = []
     for m, r in comp.pairs:
         for order, (a, b) in (("model_first", (m.output, r.output)), ("reference_first", (r.output, m.output))):
-            rid = annotation_id(cfg, r, a, b)
             body = {"model": cfg.model, "messages": judge_messages(r.instruction, r.input, a, b),
-                    "temperature": cfg.temperature, "max_tokens": (max_tokens or {}).get(rid, cfg.max_tokens)}
-            out.append((Job(request_id=rid, body=body), r.index, order))
+                    "temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+            out.append((Job(request_id=annotation_id(cfg, r, a, b), body=body), r.index, order))
     return out
 
 
-def is_truncated(record: dict) -> bool:
-    """A reply cut off by ``max_tokens``: its text is never parsed (a cut "Both Output (a) and Ou" is no verdict)."""
-    return record.get("finish_reason") == "length"
-
-
-def make_is_done(cfg: JudgeConfig):
-    """A truncated verdict is final only once it was asked with ``max_tokens_cap`` (records of older
-    versions, which parsed and cached truncated replies, have no ``max_tokens``: asked again)."""
-    def is_done(record: dict) -> bool:
-        return not is_truncated(record) or int(record.get("max_tokens") or 0) >= cfg.max_tokens_cap
-    return is_done
-
-
-def next_max_tokens(cfg: JudgeConfig, record: dict | None) -> int:
-    """What to ask with next: twice what a stored truncated verdict was cut at, else ``cfg.max_tokens``."""
-    if record is None or not is_truncated(record) or not record.get("max_tokens"):
-        return cfg.max_tokens
-    return max(cfg.max_tokens, min(cfg.max_tokens_cap, 2 * int(record["max_tokens"])))
-
-
-def make_to_record(cfg: JudgeConfig):
-    def to_record(job: Job, completion: Completion, can_retry: bool) -> dict | Retry:
-        max_tokens = int(job.body["max_tokens"])
-        truncated = completion.finish_reason == "length"
-        if truncated and can_retry and max_tokens < cfg.max_tokens_cap:
-            return Retry(body={**job.body, "max_tokens": min(cfg.max_tokens_cap, 2 * max_tokens)})
-        return {"request_id": job.request_id, "verdict": None if truncated else parse_verdict(completion.content),
-                "raw": completion.content, "judge_model": completion.model, "prompt_version": JUDGE_PROMPT_VERSION,
-                "finish_reason": completion.finish_reason, "max_tokens": max_tokens, "usage": completion.usage()}
-    return to_record
+def to_record(job: Job, completion: Completion) -> dict:
+    """A verdict; one cut off by ``max_tokens`` is never parsed (a cut "Both Output (a) and Ou" is no verdict)."""
+    truncated = completion.finish_reason == "length"
+    return {"request_id": job.request_id, "verdict": None if truncated else parse_verdict(completion.content),
+            "raw": completion.content, "judge_model": completion.model, "prompt_version": JUDGE_PROMPT_VERSION,
+            "finish_reason": completion.finish_reason, "max_tokens": int(job.body["max_tokens"]),
+            "usage": completion.usage()}
 
 
 @dataclass(frozen=True)
 class Summary:
-    """The result of one comparison: what ``winrate__*.json`` holds, and what a user must see.
+    """The result of one comparison: what its ``winrate__*.json`` holds, and what a user must see.
 
     ``win_rate``/``stderr`` are over the ``n_examples`` reference examples with a scored verdict.
     The others are accounted for: ``n_missing`` reference examples have no model output
-    (``missing_ids``: their ``id``, or position in the reference file); ``n_truncated`` and
-    ``n_unparseable`` verdicts were received but not scored; ``n_pending`` were not obtained
-    (failed requests or budget: a rerun asks them). ``complete``: nothing missing or pending.
+    (``missing_ids``: their ``id``, or position in the reference file); ``n_truncated`` (cut off at
+    the cap) and ``n_unparseable`` verdicts were received but not scored; ``n_pending`` are not
+    final yet (failed requests, budget, or cut off below the cap: a rerun asks them).
+    ``complete``: nothing missing or pending. ``summary_id`` tells apart the comparisons whose
+    names agree (two outputs files of one model, two reference folders of one name).
     """
 
     model: str
@@ -404,6 +329,7 @@ class Summary:
     reference_outputs: str
     judge_model: str
     prompt_version: str
+    summary_id: str
     win_rate: float
     stderr: float
     n_reference: int
@@ -423,20 +349,29 @@ class Summary:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def title(self) -> str:
+        return f"{self.model} vs {self.reference_model} on {self.test_set}"
+
     def line(self) -> str:
         """One line per comparison, so a user sees at a glance whether the number can be trusted."""
-        return (f"{self.model} vs {self.reference_model} on {self.test_set}: win rate {self.win_rate:.1f} "
-                f"+- {self.stderr:.1f} | reference examples: {self.n_examples} judged of {self.n_reference}, "
-                f"{self.n_missing} missing | verdicts: {self.n_truncated} truncated, {self.n_unparseable} "
-                f"unparseable, {self.n_pending} pending")
+        return (f"{self.title}: win rate {self.win_rate:.1f} +- {self.stderr:.1f} | reference examples: "
+                f"{self.n_examples} judged of {self.n_reference}, {self.n_missing} missing | verdicts: "
+                f"{self.n_truncated} truncated, {self.n_unparseable} unparseable, {self.n_pending} pending")
+
+
+def summary_id(comp: Comparison, cfg: JudgeConfig) -> str:
+    """Stable for one comparison (the two files where they are, the judge), distinct for any two others."""
+    parts = [str(Path(comp.model_outputs).resolve()), str(Path(comp.reference_outputs).resolve()), cfg.model]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:10]
 
 
 def summarize(comp: Comparison, cfg: JudgeConfig, store: JsonlStore) -> Summary:
-    """The summary of one comparison from the annotation cache (verdicts not yet there are pending)."""
+    """The summary of one comparison from the annotation cache (verdicts not final there are pending)."""
     annotations, pending = [], 0
     for job, k, order in jobs_for(comp, cfg):
         rec = store.get(job.request_id)
-        if rec is None:
+        if rec is None or not cfg.growth.is_final(rec):
             pending += 1
             continue
         truncated = is_truncated(rec)
@@ -445,8 +380,8 @@ def summarize(comp: Comparison, cfg: JudgeConfig, store: JsonlStore) -> Summary:
     wr = win_rate(annotations)
     return Summary(model=comp.model_name, reference_model=comp.reference_name, test_set=comp.test_set,
                    model_outputs=str(comp.model_outputs), reference_outputs=str(comp.reference_outputs),
-                   judge_model=cfg.model, prompt_version=JUDGE_PROMPT_VERSION, win_rate=wr.win_rate,
-                   stderr=wr.stderr, n_reference=comp.n_reference, n_examples=wr.n_examples,
+                   judge_model=cfg.model, prompt_version=JUDGE_PROMPT_VERSION, summary_id=summary_id(comp, cfg),
+                   win_rate=wr.win_rate, stderr=wr.stderr, n_reference=comp.n_reference, n_examples=wr.n_examples,
                    n_missing=len(comp.missing), missing_ids=[r.label for r in comp.missing],
                    n_judgements=wr.n_judgements, n_unparseable=wr.n_unparseable, n_truncated=wr.n_truncated,
                    n_pending=pending, wins=wr.wins, ties=wr.ties, losses=wr.losses,
@@ -454,35 +389,84 @@ def summarize(comp: Comparison, cfg: JudgeConfig, store: JsonlStore) -> Summary:
 
 
 def summary_path(summary_dir: Path, s: Summary) -> Path:
-    return summary_dir / f"winrate__{_slug(s.model)}__vs__{_slug(s.reference_model)}__{_slug(s.test_set)}.json"
+    """``winrate__<model>__vs__<reference>__<test set>__<summary_id>.json``: readable, and one file per comparison."""
+    return summary_dir / (f"winrate__{_slug(s.model)}__vs__{_slug(s.reference_model)}__{_slug(s.test_set)}"
+                          f"__{s.summary_id}.json")
 
 
-def run_judge(comparisons: list[Comparison], cfg: JudgeConfig, settings: RunSettings, annotations: Path,
-              summary_dir: Path) -> tuple[RunSummary, list[Summary]]:
+def read_summaries(summary_dir: Path, judge_model: str | None = None) -> list[dict]:
+    """The summaries in ``summary_dir`` (of ``judge_model`` only, if given), in file name order.
+
+    Two summaries of one (model, reference model, test set, judge) from different files would
+    be two numbers for one table cell: a ``DataError`` naming both, never one silently chosen.
+    """
+    summaries, seen = [], {}
+    for path in sorted(Path(summary_dir).glob(SUMMARY_GLOB)):
+        s = json.loads(path.read_text(encoding="utf-8"))
+        if judge_model is not None and s.get("judge_model") != judge_model:
+            continue
+        cell = (s.get("model"), s.get("reference_model"), s.get("test_set"), s.get("judge_model"))
+        if cell in seen:
+            raise DataError(path, None, None, f"a second win rate of {cell[0]} vs {cell[1]} on {cell[2]} "
+                                              f"(judge {cell[3]}) beside {seen[cell].name}, from other files: remove "
+                                              "the stale one, or give the models distinct names")
+        seen[cell] = path
+        summaries.append(s)
+    return summaries
+
+
+@dataclass(frozen=True)
+class JudgeResult:
+    """What ``run_judge`` did: the run's accounting and one summary per comparison."""
+
+    run: RunSummary
+    summaries: list[Summary]
+
+    def check(self, *, allow_missing: bool = False) -> None:
+        """Raise ``JudgeIncomplete`` (with the exit status) unless every win rate can be taken as it is.
+
+        Unfinished (failed requests, budget) or a comparison without a single scored verdict: status 1,
+        never success having judged nothing; reference examples missing from the model outputs:
+        status 3 unless ``allow_missing``.
+        """
+        status, reasons = 0, []
+        if not self.summaries:
+            status, reasons = 1, ["nothing to judge"]
+        if not self.run.finished:
+            status = 1
+            reasons.append("unfinished (failed requests, budget or cut-off verdicts): rerun the same command to "
+                           "finish")
+        empty = [s.title for s in self.summaries if s.n_examples == 0]
+        if empty:
+            status = 1
+            reasons.append(f"no scored verdict at all, so no win rate, for {', '.join(empty)}")
+        if any(s.n_missing for s in self.summaries) and not allow_missing:
+            status = status or 3
+            reasons.append("reference examples are missing from the model outputs (the win rates are over the "
+                           "others); pass --allow_missing to accept that")
+        if status:
+            raise JudgeIncomplete(status, "; ".join(reasons))
+
+
+def run_judge(comparisons: Sequence[Comparison], cfg: JudgeConfig, settings: RunSettings, annotations: Path,
+              summary_dir: Path) -> JudgeResult:
     """Judge every comparison (sharing one annotation cache) and write one summary JSON per comparison.
 
     Live, a truncated verdict is asked again at once with doubled ``max_tokens``; with the Batch
-    API each doubling is another batch round. Returns the run's accounting and the summaries.
+    API each doubling is another batch round (``runner.run_jobs``, one budget for all of them).
+    Reference examples without a model output are logged, by id, for every comparison.
     """
-    is_done = make_is_done(cfg)
     with JsonlStore(annotations, superseding=True) as store:
-        run: RunSummary | None = None
-        while True:
-            jobs: dict[str, Job] = {}
-            for comp in comparisons:
-                for job, _, _ in jobs_for(comp, cfg, {}):
-                    if job.request_id not in jobs:
-                        start = next_max_tokens(cfg, store.get(job.request_id))
-                        jobs[job.request_id] = Job(job.request_id, {**job.body, "max_tokens": start})
-            this = run_jobs(list(jobs.values()), store, make_to_record(cfg), settings, desc="judge", is_done=is_done)
-            run = this if run is None else run.then(this)
-            provisional = [rid for rid in jobs if rid in store and not is_done(store.get(rid))]
-            if not (settings.batch_api and provisional and this.completed and this.finished):
-                break  # live runs retry inline; each batch round doubles max_tokens, so this ends at the cap
+        jobs = {job.request_id: job for comp in comparisons for job, _, _ in jobs_for(comp, cfg)}
+        run = run_jobs(list(jobs.values()), store, to_record, settings, desc="judge", growth=cfg.growth)
         summaries = [summarize(comp, cfg, store) for comp in comparisons]
     for s in summaries:
         write_json_atomic(summary_path(summary_dir, s), s.to_dict())
-    return run, summaries
+        if s.n_missing:
+            shown = ", ".join(s.missing_ids[:20]) + (", ..." if s.n_missing > 20 else "")
+            log.warning("%s: %d of %d reference examples have no model output (ids: %s)", s.title, s.n_missing,
+                        s.n_reference, shown)
+    return JudgeResult(run=run, summaries=summaries)
 
 
 def _slug(text: str) -> str:

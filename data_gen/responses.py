@@ -4,8 +4,10 @@ The request is the instruction, then the input if there is one (AlpaCare's schem
 57% of the gpt-4 / gpt-3.5 answers in AlpaCare's MedInstruct-test end mid-sentence because
 ``finish_reason == "length"`` was never checked. Here a truncated answer is requested again
 with twice the ``max_tokens`` of the attempt that was cut off (1024, 2048, 4096, ... up to
-``max_tokens_cap``); if it is still truncated it is stored flagged ``truncated: true`` with the
-``max_tokens`` it was cut at, and left out of the exported dataset, never silently kept.
+``max_tokens_cap``, ``runner.MaxTokensGrowth``). Every answer is stored with ``truncated`` and the
+``max_tokens`` it was asked with; a truncated one is final only at the cap (then left out of the
+exported dataset, never silently kept); below the cap it is provisional, and any rerun asks it
+again (after a budget stop, a Batch API round, or with a raised ``--max_tokens_cap``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from .client import Completion
 from .errors import DataError
 from .prompts import NO_INPUT, response_messages
-from .runner import Job, Retry, RunSettings, RunSummary, run_jobs
+from .runner import Job, MaxTokensGrowth, RunSettings, RunSummary, run_jobs
 from .store import JsonlStore, read_records, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -64,41 +66,40 @@ def make_jobs(tasks: list[dict], cfg: ResponseConfig) -> list[Job]:
     return jobs
 
 
-def make_to_record(cfg: ResponseConfig):
-    def to_record(job: Job, completion: Completion, can_retry: bool) -> dict | Retry:
-        # job.body is the attempt that produced this completion: doubling it grows from the last attempt
-        max_tokens = int(job.body["max_tokens"])
-        truncated = completion.finish_reason == "length"
-        if truncated and can_retry and max_tokens < cfg.max_tokens_cap:
-            return Retry(body={**job.body, "max_tokens": min(cfg.max_tokens_cap, 2 * max_tokens)})
-        t = job.meta["task"]
-        rec = {"request_id": job.request_id, "instruction": t["instruction"],
-               "input": t.get("input") or NO_INPUT, "output": completion.content,
-               **{k: t[k] for k in METADATA if k in t},
-               "finish_reason": completion.finish_reason, "truncated": truncated, "max_tokens": max_tokens,
-               "model": completion.model, "usage": completion.usage(), "attempts": completion.attempts}
-        return rec
-    return to_record
+def to_record(job: Job, completion: Completion) -> dict:
+    t = job.meta["task"]
+    return {"request_id": job.request_id, "instruction": t["instruction"], "input": t.get("input") or NO_INPUT,
+            "output": completion.content, **{k: t[k] for k in METADATA if k in t},
+            "finish_reason": completion.finish_reason, "truncated": completion.finish_reason == "length",
+            "max_tokens": int(job.body["max_tokens"]), "model": completion.model, "usage": completion.usage(),
+            "attempts": completion.attempts}
 
 
 def generate(tasks_file: str | Path, out: str | Path, cfg: ResponseConfig, settings: RunSettings,
              export: str | Path | None = None) -> tuple[RunSummary, dict]:
     tasks = load_tasks(tasks_file)
     jobs = make_jobs(tasks, cfg)
-    with JsonlStore(out) as store:
-        summary = run_jobs(jobs, store, make_to_record(cfg), settings, desc="responses")
-        counts = export_dataset(jobs, store, export) if export else {}
+    growth = MaxTokensGrowth(cfg.max_tokens_cap)
+    with JsonlStore(out, superseding=True) as store:
+        summary = run_jobs(jobs, store, to_record, settings, desc="responses", growth=growth)
+        counts = export_dataset(jobs, store, export, growth) if export else {}
     return summary, counts
 
 
-def export_dataset(jobs: list[Job], store: JsonlStore, path: str | Path) -> dict:
-    """Write the MedInstruct-52k-format JSON list, in input order; truncated answers left out."""
-    data, missing = [], 0
-    truncated_at: Counter[str] = Counter()  # max_tokens the still-truncated answers were cut at
+def export_dataset(jobs: list[Job], store: JsonlStore, path: str | Path, growth: MaxTokensGrowth) -> dict:
+    """Write the MedInstruct-52k-format JSON list, in input order; truncated answers left out.
+
+    Counts say what is left out and why: ``truncated_left_out`` (cut off at the cap: final),
+    ``truncated_below_cap`` (provisional: a rerun asks them again) and ``missing`` (no answer yet).
+    """
+    data, missing, below_cap = [], 0, 0
+    truncated_at: Counter[str] = Counter()  # max_tokens the answers truncated at the cap were cut at
     for j in jobs:
         rec = store.get(j.request_id)
         if rec is None:
             missing += 1
+        elif not growth.is_final(rec):
+            below_cap += 1
         elif rec["truncated"]:
             truncated_at[str(rec.get("max_tokens", "unknown"))] += 1
         else:
@@ -109,4 +110,5 @@ def export_dataset(jobs: list[Job], store: JsonlStore, path: str | Path) -> dict
     if truncated:  # says the max_tokens each was really cut at, so the message is true whatever the cap
         at = ", ".join(f"{n} at {mt}" for mt, n in sorted(truncated_at.items()))
         log.warning("%d answers were still truncated (max_tokens: %s); left out of %s", truncated, at, path)
-    return {"exported": len(data), "truncated_left_out": truncated, "missing": missing}
+    return {"exported": len(data), "truncated_left_out": truncated, "truncated_below_cap": below_cap,
+            "missing": missing}

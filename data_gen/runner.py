@@ -1,13 +1,18 @@
 """Run many chat requests into an append-only store, live (asyncio workers) or via the Batch API.
 
 A command describes its work as ``Job``s (a stable ``request_id`` plus the request body) and
-a ``to_record`` function turning a finished completion into the record to store (or a
-``Retry`` with a new body, e.g. more ``max_tokens`` for a truncated answer). This module
-does the rest the same way for every command: skip ids already stored (resume; an
-``is_done`` predicate may declare a stored record provisional, so it is requested again),
-run with bounded concurrency, store each record the moment it is done, keep a side file
-of the requests that are still failed (retried by the next run, never stored as results),
-show progress, stop cleanly at the budget.
+a ``to_record`` function turning a finished completion into the record to store. This
+module does the rest the same way for every command: skip ids already stored (resume), run
+with bounded concurrency, store each record the moment it is done, keep a side file of the
+requests that are still failed (retried by the next run, never stored as results), show
+progress, stop cleanly at the budget (one cost meter for the whole run, every round of it).
+
+Commands whose replies can be cut off by ``max_tokens`` pass a ``MaxTokensGrowth``: a reply
+with ``finish_reason == "length"`` is asked again with twice the tokens, up to a cap. Live,
+that happens at once; with the Batch API each doubling is another batch round. A truncated
+record asked below the cap is provisional: it is stored at once (so a budget stop or a kill
+before the next size loses nothing already paid for), and the next attempt, in this run or a
+later one, supersedes it. Raising the cap makes records cut at the old cap provisional again.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .accounting import BATCH_DISCOUNT, CostMeter, Price
 from .client import ClientConfig, Completion, LLMClient, RequestFailed
-from .accounting import CostMeter
 from .errors import BudgetExceeded, FatalAPIError
 from .store import JsonlStore, read_jsonl
 
@@ -40,22 +45,39 @@ class Job:
     meta: dict = field(default_factory=dict)
 
 
+# to_record(job, completion) -> the record to store. ``job.body`` is the body that produced ``completion``
+# (after a doubling, the doubled one), so the record can say which ``max_tokens`` it was asked with.
+ToRecord = Callable[[Job, Completion], dict]
+
+
+def is_truncated(record: dict) -> bool:
+    """A reply cut off by ``max_tokens``."""
+    return record.get("finish_reason") == "length"
+
+
 @dataclass(frozen=True)
-class Retry:
-    """Returned by ``to_record`` to send the request again with another body."""
+class MaxTokensGrowth:
+    """Replies cut off by ``max_tokens`` are asked again with twice the tokens, up to ``cap``.
 
-    body: dict
+    Records must hold the reply's ``finish_reason`` and the ``max_tokens`` it was asked with.
+    A truncated record is final only once it was asked with ``cap``: raising the cap later, or a
+    record of an older version without ``max_tokens``, makes it provisional again.
+    """
 
+    cap: int
 
-# to_record(job, completion, can_retry) -> record dict or Retry. ``job.body`` is the body that
-# produced ``completion`` (after a Retry, the retried one), so a retry can grow from the last attempt.
-ToRecord = Callable[[Job, Completion, bool], "dict | Retry"]
-# is_done(stored record) -> False when the record is provisional and its request must be sent again
-IsDone = Callable[[dict], bool]
+    def is_final(self, record: dict) -> bool:
+        return not is_truncated(record) or int(record.get("max_tokens") or 0) >= self.cap
 
+    def doubled(self, max_tokens: int) -> int:
+        return min(self.cap, 2 * max_tokens)
 
-def always_done(record: dict) -> bool:
-    return True
+    def resumed(self, job: Job, record: dict | None) -> Job:
+        """``job`` as a rerun sends it: past a provisional record, with twice the tokens it was cut at."""
+        if record is None or not is_truncated(record) or not record.get("max_tokens"):
+            return job
+        start = max(int(job.body["max_tokens"]), self.doubled(int(record["max_tokens"])))
+        return replace(job, body={**job.body, "max_tokens": start})
 
 
 @dataclass
@@ -64,20 +86,14 @@ class RunSummary:
     already_done: int = 0
     completed: int = 0
     failed: int = 0
+    provisional: int = 0  # records cut off below the max_tokens cap when the run ended: a rerun asks them
     stopped_reason: str | None = None
     seconds: float = 0.0
     usage: dict = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
-        return self.stopped_reason is None and self.failed == 0
-
-    def then(self, later: RunSummary) -> RunSummary:
-        """This run followed by a round that asked some of its records again (a batch of re-asked verdicts)."""
-        usage = {k: self.usage.get(k, 0) + later.usage.get(k, 0) for k in {*self.usage, *later.usage}}
-        return RunSummary(total=self.total, already_done=self.already_done, completed=self.completed,
-                          failed=later.failed, stopped_reason=later.stopped_reason,
-                          seconds=self.seconds + later.seconds, usage=usage)
+        return self.stopped_reason is None and self.failed == 0 and self.provisional == 0
 
     def line(self) -> str:
         u = self.usage
@@ -85,6 +101,8 @@ class RunSummary:
                 f" in {self.seconds:.1f}s; {u.get('billed_requests', 0)} billed requests, "
                 f"{u.get('prompt_tokens', 0)}+{u.get('completion_tokens', 0)} tokens, "
                 f"${u.get('cost_usd', 0):.4f}, {u.get('retries', 0)} retries"
+                + (f"; {self.provisional} cut off below the max_tokens cap (a rerun asks them again)"
+                   if self.provisional else "")
                 + (f"; STOPPED: {self.stopped_reason}" if self.stopped_reason else ""))
 
 
@@ -98,13 +116,9 @@ class RunSettings:
     price_out: float | None = None
     batch_api: bool = False
     batch_poll_seconds: float = 30.0
-    # Retry() rounds (e.g. doubling max_tokens), not HTTP retries: a safety bound only, since each
-    # command's to_record stops retrying at its own cap; 8 doublings cover a 256x growth
-    max_retries_per_job: int = 8
     progress: bool = True
 
     def meter(self) -> CostMeter:
-        from .accounting import BATCH_DISCOUNT, Price
         override = Price(self.price_in or 0.0, self.price_out or 0.0) if (
             self.price_in is not None or self.price_out is not None) else None
         return CostMeter(max_cost=self.max_cost, price_override=override,
@@ -142,48 +156,61 @@ class ErrorLog:
         os.replace(tmp, self.path)
 
 
-def stored_and_done(store: JsonlStore, is_done: IsDone) -> Callable[[str], bool]:
+def stored_and_final(store: JsonlStore, growth: MaxTokensGrowth | None) -> Callable[[str], bool]:
     """Whether a request id has a final record in ``store``."""
-    def done(request_id: str) -> bool:
+    def final(request_id: str) -> bool:
         record = store.get(request_id)
-        return record is not None and is_done(record)
-    return done
+        return record is not None and (growth is None or growth.is_final(record))
+    return final
 
 
 def run_jobs(jobs: Sequence[Job], store: JsonlStore, to_record: ToRecord, settings: RunSettings,
-             *, desc: str = "requests", is_done: IsDone = always_done) -> RunSummary:
+             *, desc: str = "requests", growth: MaxTokensGrowth | None = None) -> RunSummary:
     """Run every job without a final record in ``store``; returns what happened. Live or Batch API per settings.
 
-    A record ``is_done`` rejects is sent again and its new record supersedes it (the store must
-    be opened with ``superseding=True``).
+    With ``growth``, a provisional record is sent again (from twice the tokens it was cut at) and
+    its new record supersedes it (the store must be opened with ``superseding=True``); with the
+    Batch API, rounds follow one another until every record is final or a round makes no progress.
     """
     ids = [j.request_id for j in jobs]
     if len(set(ids)) != len(ids):
         raise ValueError("request ids are not unique")
-    done = stored_and_done(store, is_done)
-    pending = [j for j in jobs if not done(j.request_id)]
-    if not store.superseding and any(j.request_id in store for j in pending):
+    final = stored_and_final(store, growth)
+    if growth is not None and not store.superseding:
         raise ValueError(f"{store.path}: provisional records need a store opened with superseding=True")
-    summary = RunSummary(total=len(jobs), already_done=len(jobs) - len(pending))
-    meter = settings.meter()
+    summary = RunSummary(total=len(jobs), already_done=sum(final(rid) for rid in ids))
+    meter = settings.meter()  # one for every round: --max_cost bounds what the whole run spends
     errors = ErrorLog(store.path)
-    errors.prune(done)  # a run killed before its end leaves entries its records have since made stale
+    errors.prune(final)  # a run killed before its end leaves entries its records have since made stale
     start = time.monotonic()
     try:
-        if settings.batch_api:
-            from .batch_api import run_batch
-            run_batch(pending, store, to_record, settings, meter, summary, errors, desc=desc)
-        else:
-            asyncio.run(_run_live(pending, store, to_record, settings, meter, summary, errors, desc))
+        while True:
+            pending = [growth.resumed(j, store.get(j.request_id)) if growth else j for j in jobs
+                       if not final(j.request_id)]
+            if not pending:
+                break
+            completed_before = summary.completed
+            if settings.batch_api:
+                from .batch_api import run_batch
+                run_batch(pending, store, to_record, settings, meter, summary, errors, desc=desc)
+            else:
+                asyncio.run(_run_live(pending, store, to_record, settings, meter, summary, errors, desc, growth))
+            progressed = summary.completed > completed_before
+            if not (settings.batch_api and growth and progressed and summary.stopped_reason is None
+                    and summary.failed == 0):
+                break  # live runs double max_tokens inline; a batch round that did nothing would repeat itself
     finally:
         summary.seconds = time.monotonic() - start
         summary.usage = meter.summary()
-        errors.prune(done)
+        summary.provisional = sum(rid in store and not final(rid) for rid in ids)
+        summary.completed = sum(map(final, ids)) - summary.already_done  # batch rounds count each record they got
+        errors.prune(final)
     return summary
 
 
 async def _run_live(pending: Sequence[Job], store: JsonlStore, to_record: ToRecord, settings: RunSettings,
-                    meter: CostMeter, summary: RunSummary, errors: ErrorLog, desc: str) -> None:
+                    meter: CostMeter, summary: RunSummary, errors: ErrorLog, desc: str,
+                    growth: MaxTokensGrowth | None) -> None:
     client = LLMClient(settings.client, meter)
     queue: asyncio.Queue[Job] = asyncio.Queue()
     for j in pending:
@@ -198,15 +225,13 @@ async def _run_live(pending: Sequence[Job], store: JsonlStore, to_record: ToReco
             except asyncio.QueueEmpty:
                 return
             try:
-                for round_ in range(settings.max_retries_per_job + 1):
-                    completion = await client.chat(job.request_id, job.body)
-                    out = to_record(job, completion, round_ < settings.max_retries_per_job)
-                    if isinstance(out, Retry):
-                        job = replace(job, body=out.body)  # the next to_record sees the body it answers
-                        continue
-                    store.append(out)
-                    summary.completed += 1
-                    break
+                while True:  # ends: max_tokens doubles up to the cap, where every record is final
+                    record = to_record(job, await client.chat(job.request_id, job.body))
+                    store.append(record)  # a provisional one too: a stop before the next size loses nothing
+                    if growth is None or growth.is_final(record):
+                        break
+                    job = growth.resumed(job, record)
+                summary.completed += 1
             except BudgetExceeded as e:
                 summary.stopped_reason = str(e)
                 stop.set()

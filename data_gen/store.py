@@ -32,10 +32,10 @@ def check_input_file(path: str | Path) -> Path:
     return path
 
 
-def decode_utf8(path: object, raw: bytes, *, record: int | None = None, error=DataError) -> str:
+def decode_utf8(path: object, raw: bytes, *, record: int | None = None) -> str:
     """`raw` (a whole JSON file, or one JSONL line when `record` is given) as text.
 
-    Invalid UTF-8 raises `error(path, record, field, problem)` naming the record and field that hold the
+    Invalid UTF-8 raises a `DataError` naming the record and field that hold the
     bad bytes, found by parsing the text with the bad bytes kept as lone surrogates (Python's
     "surrogateescape"): a codec message with a byte offset alone does not say which record to fix.
     """
@@ -47,13 +47,13 @@ def decode_utf8(path: object, raw: bytes, *, record: int | None = None, error=Da
     try:
         parsed = json.loads(raw.decode("utf-8", "surrogateescape"))
     except json.JSONDecodeError:
-        raise error(path, record, None, f"{problem} at byte {bad_byte}") from None
+        raise DataError(path, record, None, f"{problem} at byte {bad_byte}") from None
     if isinstance(parsed, list) and record is None:
         record = next((i for i, item in enumerate(parsed) if _undecodable(item)), None)
         parsed = parsed[record] if record is not None else None
     field = next((k for k, v in parsed.items() if _undecodable(k) or _undecodable(v)), None) \
         if isinstance(parsed, dict) else None
-    raise error(path, record, field, problem) from None
+    raise DataError(path, record, field, problem) from None
 
 
 def _undecodable(value: object) -> bool:
@@ -183,7 +183,7 @@ class JsonlStore:
     def close(self) -> None:
         self._f.close()
 
-    def __enter__(self) -> "JsonlStore":
+    def __enter__(self) -> JsonlStore:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,7 +6,9 @@ It speaks the subset of the OpenAI REST API that ``data_gen`` uses, over real HT
 * ``POST /v1/chat/completions`` with ``usage`` and ``finish_reason`` (``length`` when the
   scripted answer does not fit in ``max_tokens``);
 * ``POST /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``;
-* ``POST /v1/batches``, ``GET /v1/batches/{id}`` (batches run in a background thread);
+* ``POST /v1/batches``, ``GET /v1/batches/{id}`` (batches run in a background thread; with
+  ``hold_batches`` each waits, ``in_progress``, until ``release_batches()``, so a test can act while
+  a batch is known to be unfinished; ``batch_polls`` counts the retrievals of each batch);
 * ``GET /_stats`` and ``GET /_ledger``: what was billed, for assertions.
 
 Faults are scripted by probability with a seeded RNG: 429 with ``retry-after-ms``, 500,
@@ -90,8 +92,10 @@ def fake_tasks(prompt: str, n: int) -> str:
     rng = random.Random(_h(prompt))
     blocks = []
     for _ in range(n):
-        instr = f"{rng.choice(VERBS)} {rng.choice(THINGS)} {rng.choice(DISEASES)} in a {rng.randint(18, 90)}-year-old patient."
-        inp = "<noinput>" if rng.random() < 0.6 else f"Lab results: HbA1c {rng.randint(50, 120) / 10}%, eGFR {rng.randint(20, 110)}."
+        instr = (f"{rng.choice(VERBS)} {rng.choice(THINGS)} {rng.choice(DISEASES)} in a "
+                 f"{rng.randint(18, 90)}-year-old patient.")
+        inp = "<noinput>" if rng.random() < 0.6 else (
+            f"Lab results: HbA1c {rng.randint(50, 120) / 10}%, eGFR {rng.randint(20, 110)}.")
         blocks.append(
             f"Type: {rng.choice(TYPES)}\nTopic: {rng.choice(TOPICS)}\nView: {rng.choice(VIEWS)}\n"
             f"Difficulty: {rng.randint(1, 5)}\nInstruction: {instr}\nInput: {inp}")
@@ -216,13 +220,17 @@ class FakeOpenAI:
                  faults: Faults | None = None, lifetime: float = 300.0, batch_delay: float = 0.2,
                  require_key: str | None = None, judge: JudgeFn | None = None, truncate_all: bool = False,
                  usage: bool = True, context_rule: ContextRule | None = None,
-                 request_check: Callable[[dict], None] | None = None):
+                 request_check: Callable[[dict], None] | None = None, hold_batches: bool = False):
         self.latency = latency
         self.judge, self.truncate_all, self.usage = judge, truncate_all, usage
         self.require_key = require_key  # when set, other keys get 401
         self.faults = faults or Faults()
         self.lifetime = lifetime
         self.batch_delay = batch_delay
+        self._batches_released = threading.Event()
+        if not hold_batches:
+            self._batches_released.set()
+        self.batch_polls: dict[str, int] = {}  # batch id -> GET /v1/batches/{id} answered
         self.context_rule = context_rule
         self.request_check = request_check
         self.violations: list[str] = []  # AssertionErrors raised by request_check
@@ -323,10 +331,15 @@ class FakeOpenAI:
                 self.checked += 1
 
     # ------------------------------------------------------------------ batches
+    def release_batches(self) -> None:
+        """Let held batches (``hold_batches=True``) run to completion."""
+        self._batches_released.set()
+
     def run_batch(self, batch_id: str) -> None:
         time.sleep(self.batch_delay)
         batch = self.batches[batch_id]
         batch["status"] = "in_progress"
+        self._batches_released.wait(self.lifetime)
         lines = self.files[batch["input_file_id"]]["content"].decode().splitlines()
         out_lines = []
         for line in lines:
@@ -407,6 +420,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, fake.file_object(m.group(1)))
         m = re.fullmatch(r"/v1/batches/([\w-]+)", path)
         if m and m.group(1) in fake.batches:
+            with fake._lock:
+                fake.batch_polls[m.group(1)] = fake.batch_polls.get(m.group(1), 0) + 1
             return self._send(200, fake.batches[m.group(1)])
         self._error(404, f"no route for GET {path}")
 

@@ -112,10 +112,10 @@ def test_api_key_never_logged_or_written(fake_server, tmp_path, seed_tasks, alpa
     tasks.write_text(json.dumps([{"instruction": t["instruction"], "input": t["input"]} for t in seed_tasks[:10]]))
     outs = []
     for args in (["instructions", "--seeds", str(alpacare_data / "med_seed.json"), "--out", "raw.jsonl",
-                  "--num-requests", "5", "--tasks-per-request", "3"],
+                  "--num_requests", "5", "--tasks_per_request", "3"],
                  ["responses", "--in", str(tasks), "--out", "resp.jsonl", "--export", "resp.json"],
-                 ["responses", "--in", str(tasks), "--out", "resp2.jsonl", "--batch-api",
-                  "--batch-poll-seconds", "0.1"]):
+                 ["responses", "--in", str(tasks), "--out", "resp2.jsonl", "--batch_api",
+                  "--batch_poll_seconds", "0.1"]):
         r = run_cli(["-v", *args, *FAST], server, tmp_path)
         assert r.returncode == 0, r.stderr
         outs.append(r.stdout + r.stderr)

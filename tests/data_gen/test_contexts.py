@@ -30,7 +30,15 @@ from data_gen.contexts import (
 )
 from data_gen.errors import DataError
 from tests.data_gen.fake_openai_server import MALFORMED_MARK, Faults, PrivacyGuard
-from tests.data_gen.harness import FAST, REPO, TEST_KEY, cli_env, run_cli
+from tests.data_gen.harness import (
+    FAST,
+    REPO,
+    TEST_KEY,
+    cli_env,
+    kill_while_batch_runs,
+    rerun_polling_the_held_batch,
+    run_cli,
+)
 from tests.data_gen.mcq_synthetic import IDENTIFIER_VIGNETTES as VIGNETTES
 from tests.data_gen.mcq_synthetic import ContextOracle, make_questions
 
@@ -114,7 +122,7 @@ def test_bad_keyword_records_name_file_record_field(tmp_path):
 def keywords_cli(tmp_path, questions: list[dict]) -> list[dict]:
     (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     r = subprocess.run([sys.executable, "-m", "data_gen", "keywords", "--in", "questions.jsonl", "--out",
-                        "keywords.jsonl", "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                        "keywords.jsonl", "--no_progress"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0, r.stderr
     return [json.loads(line) for line in (tmp_path / "keywords.jsonl").read_text().splitlines()]
@@ -203,12 +211,12 @@ def test_rejected_replies_are_counted_never_stored_as_results(fake_server, tmp_p
     assert run_cli(args, server, tmp_path).returncode == 0 and server.stats()["billed"] == billed  # not re-billed
 
     # Truncated replies (the context does not fit in max_tokens): rejected, not stored as results.
-    r = run_cli([*args[:4], "c2.jsonl", "--max-tokens", "30", *FAST], server, tmp_path)
+    r = run_cli([*args[:4], "c2.jsonl", "--max_tokens", "30", *FAST], server, tmp_path)
     counts = json.loads(r.stderr.strip().splitlines()[-2])
     assert counts["accepted"] == 0 and counts["rejected_truncated"] == 9
     assert read_jsonl(tmp_path / "c2.jsonl") == []
-    # --retry-rejected asks again; with enough tokens the replies are accepted.
-    r = run_cli([*args[:4], "c2.jsonl", "--retry-rejected", *FAST], server, tmp_path)
+    # --retry_rejected asks again; with enough tokens the replies are accepted.
+    r = run_cli([*args[:4], "c2.jsonl", "--retry_rejected", *FAST], server, tmp_path)
     assert json.loads(r.stderr.strip().splitlines()[-2])["accepted"] == 6
     assert len(read_jsonl(tmp_path / "c2.jsonl.rejected.jsonl")) == 9 + 3  # q0/q3/q6 rejected twice
 
@@ -218,8 +226,8 @@ def test_cost_cap_stops_cleanly_and_resumes(fake_server, tmp_path):
     keywords_cli(tmp_path, [q.record() for q in syn])
     server = fake_server(context_rule=ContextOracle(syn))
     # About 1000 prompt words + 1000 max tokens at $1 per 1k tokens: a few requests' worst case.
-    price = ["--price-in", "1000", "--price-out", "1000", "--concurrency", "2"]
-    r = run_cli(["contexts", "--keywords", "keywords.jsonl", "--out", "c.jsonl", "--max-cost", "5", *price, *FAST],
+    price = ["--price_in", "1000", "--price_out", "1000", "--concurrency", "2"]
+    r = run_cli(["contexts", "--keywords", "keywords.jsonl", "--out", "c.jsonl", "--max_cost", "5", *price, *FAST],
                 server, tmp_path)
     assert r.returncode == 1 and "budget" in r.stderr
     done = len(read_jsonl(tmp_path / "c.jsonl"))
@@ -242,7 +250,7 @@ def test_resume_after_two_sigkills_live(fake_server, tmp_path):
                          faults=Faults(p429=0.05, retry_after_ms=20, p500=0.05, seed=seed))
     out = tmp_path / "contexts.jsonl"
     cmd = [sys.executable, "-m", "data_gen", "contexts", "--keywords", "keywords.jsonl", "--out", str(out),
-           "--concurrency", str(CONCURRENCY), *FAST, "--max-attempts", "20"]
+           "--concurrency", str(CONCURRENCY), *FAST, "--max_attempts", "20"]
     snapshots = []
     for _ in range(2):
         target = len(read_jsonl(out)) + rng.randrange(20, 50)
@@ -280,27 +288,20 @@ def test_resume_after_two_sigkills_live(fake_server, tmp_path):
 
 
 def test_resume_after_two_sigkills_batch_api_bills_each_request_once(fake_server, tmp_path):
-    """With --batch-api the batch id is stored before polling: killed runs poll it again, never resubmit."""
+    """With --batch_api the batch id is stored before polling: killed runs poll it again, never resubmit."""
     syn = make_questions(30, seed=8)
     kws = {k["id"]: k["keywords"] for k in keywords_cli(tmp_path, [q.record() for q in syn])}
     guard = PrivacyGuard([(q.question, kws[q.id]) for q in syn], [i for q in syn for i in q.identifiers],
                          fixed_text=[CONTEXT_SYSTEM, prompt_prefix()])  # the batch path is guarded too
-    server = fake_server(batch_delay=1.5, context_rule=ContextOracle(syn), request_check=guard)
+    server = fake_server(batch_delay=0.05, context_rule=ContextOracle(syn), request_check=guard, hold_batches=True)
     out = tmp_path / "c.jsonl"
-    cmd = [sys.executable, "-m", "data_gen", "contexts", "--keywords", "keywords.jsonl", "--out", str(out),
-           "--batch-api", "--batch-poll-seconds", "0.05", *FAST]
+    args = ["contexts", "--keywords", "keywords.jsonl", "--out", str(out), "--batch_api", "--batch_poll_seconds",
+            "0.05", *FAST]
     state = tmp_path / "c.jsonl.batches.json"
-    for _ in range(2):
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(server), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not state.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)  # polling now
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    for _ in range(2):  # both killed while the batch runs: the first after submitting it, the second polling it
+        kill_while_batch_runs(args, server, tmp_path, state)
         assert read_jsonl(out) == []
-    final = subprocess.run(cmd, cwd=tmp_path, env=cli_env(server), capture_output=True, text=True, timeout=60)
+    final = rerun_polling_the_held_batch(args, server, tmp_path)
     assert final.returncode == 0, final.stderr
     assert len(server.batches) == 1 and len(json.loads(state.read_text())["batches"]) == 1
     billed = Counter(e["request_id"] for e in server.ledger if e["status"] == "ok")

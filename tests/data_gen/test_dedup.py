@@ -124,7 +124,7 @@ def test_cli_dedup_from_generation_store(tmp_path, seed_tasks, alpacare_data):
                  "difficulty": "1"} for j in range(10)]}) + "\n")
     out = subprocess.run([sys.executable, "-m", "data_gen", "dedup", "--in", str(raw), "--seeds",
                           str(alpacare_data / "med_seed.json"), "--out", str(tmp_path / "kept.json"),
-                          "--dropped", str(tmp_path / "dropped.jsonl"), "--no-progress"],
+                          "--dropped", str(tmp_path / "dropped.jsonl"), "--no_progress"],
                          cwd=tmp_path, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert out.returncode == 0, out.stderr

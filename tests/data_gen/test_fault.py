@@ -45,7 +45,7 @@ def test_generation_survives_faults_and_kills(fake_server, tmp_path, seed_tasks)
     (tmp_path / "tasks.json").write_text(json.dumps(tasks))
     out = tmp_path / "resp.jsonl"
     cmd = [sys.executable, "-m", "data_gen", "responses", "--in", "tasks.json", "--out", str(out), "--export",
-           "medinstruct.json", "--concurrency", str(CONCURRENCY), *FAST, "--timeout", "0.4", "--max-attempts", "20"]
+           "medinstruct.json", "--concurrency", str(CONCURRENCY), *FAST, "--timeout", "0.4", "--max_attempts", "20"]
     snapshots = []
     for _ in range(2):
         # Each run is killed after storing 30-100 new records: a target counted from what is already on

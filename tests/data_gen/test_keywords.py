@@ -181,7 +181,7 @@ def test_cli_keywords(tmp_path):
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q.record()) + "\n" for q in qs))
     env = dict(os.environ, PYTHONPATH=str(REPO), OPENAI_BASE_URL="http://127.0.0.1:9/v1")  # nothing listens
     r = subprocess.run([sys.executable, "-m", "data_gen", "keywords", "--in", "q.jsonl", "--out", "kw.jsonl",
-                        "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+                        "--no_progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in (tmp_path / "kw.jsonl").read_text().splitlines()]
     assert [x["id"] for x in recs] == [q.id for q in qs]

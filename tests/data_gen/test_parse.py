@@ -94,7 +94,7 @@ Topic: Cardiology
 View: Nurse
 Difficulty: 2
 Instruction:   What is **preload**?  
-###"""
+###"""  # noqa: W291 (the trailing spaces are part of the case)
     r = parse_tasks(text)
     assert [t.instruction for t in r.tasks] == ["Which drug interacts with warfarin?",
                                                 "Rewrite this discharge note in plain language.",

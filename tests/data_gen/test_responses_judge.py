@@ -1,19 +1,16 @@
-"""responses (truncation, format, bad input), judge (schemas, matching, parsing, win rate, cache) and --batch-api."""
+"""responses (truncation, format, bad input), judge (schemas, matching, parsing, win rate, cache) and --batch_api."""
 
 from __future__ import annotations
 
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from data_gen.errors import DataError
-from data_gen.judge import Example, build_comparison, load_outputs, match_examples, parse_verdict, win_rate
-from tests.data_gen.harness import FAST, cli_env, run_cli
+from data_gen.judge import build_comparisons, match_examples, parse_verdict, win_rate
+from data_gen.outputs import Example, load_outputs
+from tests.data_gen.harness import FAST, kill_while_batch_runs, read_summary, rerun_polling_the_held_batch, run_cli
 
 MODELS = ("claude-2", "gpt-3.5-turbo", "gpt-4", "text-davinci-003")
 
@@ -26,16 +23,18 @@ def test_truncated_answers_retried_then_flagged(fake_server, tmp_path, seed_task
     server = fake_server()
     write_tasks(tmp_path / "tasks.json", seed_tasks, 12)
     # answers are 28-70 words: 8 tokens truncates all; doubling up to 16 still truncates all
-    r = run_cli(["responses", "--in", "tasks.json", "--out", "a.jsonl", "--export", "a.json", "--max-tokens", "8",
-                 "--max-tokens-cap", "16", *FAST], server, tmp_path)
+    r = run_cli(["responses", "--in", "tasks.json", "--out", "a.jsonl", "--export", "a.json", "--max_tokens", "8",
+                 "--max_tokens_cap", "16", *FAST], server, tmp_path)
     assert r.returncode == 0, r.stderr
-    recs = [json.loads(line) for line in (tmp_path / "a.jsonl").open()]
+    lines = [json.loads(line) for line in (tmp_path / "a.jsonl").open()]
+    recs = {x["request_id"]: x for x in lines}.values()  # each attempt is stored, the last one stands
+    assert sorted(x["max_tokens"] for x in lines) == [8] * 12 + [16] * 12
     assert len(recs) == 12 and all(x["truncated"] and x["finish_reason"] == "length" for x in recs)
     assert json.loads((tmp_path / "a.json").read_text()) == []  # never silently kept
     assert '"truncated_left_out": 12' in r.stderr
     assert server.stats()["billed"] == 24  # one retry each, with more tokens
     # with room to grow, every answer completes
-    r = run_cli(["responses", "--in", "tasks.json", "--out", "b.jsonl", "--export", "b.json", "--max-tokens", "20",
+    r = run_cli(["responses", "--in", "tasks.json", "--out", "b.jsonl", "--export", "b.json", "--max_tokens", "20",
                  *FAST], server, tmp_path)
     data = json.loads((tmp_path / "b.json").read_text())
     assert len(data) == 12 and all(d["output"].endswith(".") for d in data)
@@ -52,7 +51,7 @@ def test_bad_input_names_file_record_field(fake_server, tmp_path, seed_tasks):
     assert r.returncode == 2 and "bad.json, record 3, field 'instruction': missing, empty" in r.stderr
     assert (tmp_path / "out.jsonl").read_text() == '{"request_id": "resp-keep", "output": "kept"}\n'
     (tmp_path / "seeds.json").write_text(json.dumps([{"instruction": "x"}]))
-    r = run_cli(["instructions", "--seeds", "seeds.json", "--out", "o.jsonl", "--num-requests", "1", *FAST],
+    r = run_cli(["instructions", "--seeds", "seeds.json", "--out", "o.jsonl", "--num_requests", "1", *FAST],
                 fake_server(), tmp_path)
     assert r.returncode == 2 and "seeds.json, record 0, field 'topic': missing" in r.stderr
 
@@ -86,7 +85,7 @@ def test_matching_by_text_then_id_and_clear_error(alpacare_data, tmp_path):
     rows[7] = {**rows[7], "id": "x", "instruction": "Something never asked"}
     (tmp_path / "m.json").write_text(json.dumps(rows))
     with pytest.raises(DataError, match=r"m.json, record 7, field 'instruction': matches no"):
-        build_comparison(tmp_path / "m.json", ref_path)
+        build_comparisons([tmp_path / "m.json"], [ref_path])
 
 
 def test_matching_by_contained_text_without_ids(alpacare_data):
@@ -140,11 +139,11 @@ def test_judge_end_to_end_with_cache(fake_server, tmp_path, alpacare_data):
     assert r.returncode == 0, r.stderr
     billed = server.stats()["billed"]
     assert billed == 2 * 2 * 216
-    s = json.loads((tmp_path / "ann" / "winrate__alpacare-tiny__vs__gpt-4__MedInstruct-test.json").read_text())
+    s = read_summary(tmp_path / "ann", "alpacare-tiny", "gpt-4", "MedInstruct-test")
     assert (s["model"], s["reference_model"], s["test_set"]) == ("alpacare-tiny", "gpt-4", "MedInstruct-test")
     assert s["win_rate"] == pytest.approx(50.0) and s["n_examples"] == 216 and s["n_unparseable"] == 0
     assert s["complete"] and s["stderr"] == pytest.approx(100 * 0.5 / math.sqrt(216) * math.sqrt(216 / 215))
-    assert (tmp_path / "ann" / "winrate__alpacare-tiny__vs__claude-2__MedInstruct-test.json").exists()
+    assert read_summary(tmp_path / "ann", "alpacare-tiny", "claude-2", "MedInstruct-test")["n_examples"] == 216
     # rerun: everything comes from the annotation cache, nothing is billed
     r = run_cli(args, server, tmp_path)
     assert r.returncode == 0 and server.stats()["billed"] == billed
@@ -152,20 +151,14 @@ def test_judge_end_to_end_with_cache(fake_server, tmp_path, alpacare_data):
 
 
 def test_batch_api_resumes_by_stored_batch_ids(fake_server, tmp_path, seed_tasks):
-    server = fake_server(batch_delay=1.5)
+    server = fake_server(batch_delay=0.05, hold_batches=True)
     write_tasks(tmp_path / "tasks.json", seed_tasks, 30)
-    args = ["responses", "--in", "tasks.json", "--out", "b.jsonl", "--export", "b.json", "--batch-api",
-            "--batch-poll-seconds", "0.1", *FAST]
-    proc = subprocess.Popen([sys.executable, "-m", "data_gen", *args], cwd=tmp_path, env=cli_env(server),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["responses", "--in", "tasks.json", "--out", "b.jsonl", "--export", "b.json", "--batch_api",
+            "--batch_poll_seconds", "0.1", *FAST]
     state = tmp_path / "b.jsonl.batches.json"
-    deadline = time.monotonic() + 30
-    while not state.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)  # killed while the batch is running
-    proc.wait()
+    kill_while_batch_runs(args, server, tmp_path, state)  # killed while the batch is running
     assert len(json.loads(state.read_text())["batches"]) == 1
-    r = run_cli(args, server, tmp_path)
+    r = rerun_polling_the_held_batch(args, server, tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(server.batches) == 1  # the rerun polled the stored batch instead of submitting again
     assert len(json.loads((tmp_path / "b.json").read_text())) == 30
@@ -178,7 +171,7 @@ def test_batch_api_resumes_by_stored_batch_ids(fake_server, tmp_path, seed_tasks
 def test_batch_api_for_instructions_and_judge(fake_server, tmp_path, alpacare_data):
     server = fake_server(batch_delay=0.05)
     r = run_cli(["instructions", "--seeds", str(alpacare_data / "med_seed.json"), "--out", "raw.jsonl",
-                 "--num-requests", "6", "--tasks-per-request", "4", "--batch-api", "--batch-poll-seconds", "0.05",
+                 "--num_requests", "6", "--tasks_per_request", "4", "--batch_api", "--batch_poll_seconds", "0.05",
                  *FAST], server, tmp_path)
     assert r.returncode == 0, r.stderr
     recs = [json.loads(line) for line in (tmp_path / "raw.jsonl").open()]
@@ -189,9 +182,9 @@ def test_batch_api_for_instructions_and_judge(fake_server, tmp_path, alpacare_da
     (tmp_path / "m.json").write_text(json.dumps(rows))
     full_ref = tmp_path / "iCliniq_output.jsonl"  # the first 10 reference records
     full_ref.write_text("".join(line for i, line in enumerate(ref.open()) if i < 10))
-    r = run_cli(["judge", "--outputs", "m.json", "--reference", str(full_ref), "--reference-name", "text-davinci-003",
-                 "--annotations", "ann.jsonl", "--batch-api", "--batch-poll-seconds", "0.05", *FAST], server, tmp_path)
+    r = run_cli(["judge", "--outputs", "m.json", "--reference", str(full_ref), "--reference_name", "text-davinci-003",
+                 "--annotations", "ann.jsonl", "--batch_api", "--batch_poll_seconds", "0.05", *FAST], server, tmp_path)
     assert r.returncode == 0, r.stderr
-    s = json.loads((tmp_path / "winrate__m__vs__text-davinci-003__iCliniq.json").read_text())
+    s = read_summary(tmp_path, "m", "text-davinci-003", "iCliniq")
     assert s["n_judgements"] == 20 and s["win_rate"] == 0.0  # the short answer always loses
     assert len(server.batches) == 2
