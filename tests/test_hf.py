@@ -127,7 +127,8 @@ def test_wrong_shape_is_named(single_file_checkpoint):
     path, tensors = single_file_checkpoint
     tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(48, 64)
     save_torch_file(tensors, path / hf.SINGLE_FILE, metadata={"format": "pt"})
-    with pytest.raises(hf.CheckpointError, match=r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[48, 64\], expected \[32, 64\]"):
+    expected = r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \[48, 64\], expected \[32, 64\]"
+    with pytest.raises(hf.CheckpointError, match=expected):
         hf.load_pretrained(path)
 
 
@@ -144,6 +145,17 @@ def test_missing_shard_file_and_unexpected_tensor_are_named(tmp_path):
     tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
     save_torch_file(tensors, path / hf.SINGLE_FILE, metadata={"format": "pt"})
     with pytest.raises(hf.CheckpointError, match=r"q_proj\.bias"):
+        hf.load_pretrained(path)
+
+
+def test_truncated_file_is_named(single_file_checkpoint):
+    path, _ = single_file_checkpoint
+    data = (path / hf.SINGLE_FILE).read_bytes()
+    (path / hf.SINGLE_FILE).write_bytes(data[:-100])
+    with pytest.raises(hf.CheckpointError, match=r"model\.safetensors: tensor '.*' is cut short"):
+        hf.load_pretrained(path)
+    (path / hf.SINGLE_FILE).write_bytes(data[:1000])  # not even the whole header
+    with pytest.raises(hf.CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
         hf.load_pretrained(path)
 
 

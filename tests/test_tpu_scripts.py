@@ -21,8 +21,9 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "tpu_scripts"
 BASE_ENV = {"PROJECT": "my-project", "ZONE": "us-east5-a", "BUCKET": "my-bucket"}
 # Settings a developer may have exported; the tests must see config.env's defaults.
 SETTINGS = ("PROJECT ZONE BUCKET TPU_NAME QR_NAME ACCELERATOR_TYPE RUNTIME_VERSION SPOT RESERVED CREATE_FLAGS CONFIG "
-            "RUN_NAME WORKDIR TRAIN_ARGS REPO_URL REPO_REF REMOTE_DIR VENV PYTHON_VERSION LOG_DIR POLL_SECONDS "
-            "DELETE_WHEN_DONE TPU_ENV_FILE TPU_SIMULATE_STATE TPU_SIMULATE_DONE").split()
+            "RUN_NAME WORKDIR BASE_MODEL DATA_DIR TRAIN_ARGS STAGE STAGE_DIR REPO_URL REPO_REF REMOTE_DIR VENV "
+            "PYTHON_VERSION LOG_DIR POLL_SECONDS DELETE_WHEN_DONE TPU_ENV_FILE TPU_SIMULATE_STATE "
+            "TPU_SIMULATE_DONE").split()
 
 
 @pytest.fixture
@@ -90,7 +91,8 @@ def test_environment_beats_config_file_and_env_file(fake_gcloud, tmp_path):
     assert flag(line, "runtime-version") == "v2-alpha-tpuv6e"
     assert "--spot" not in line and "--reserved" not in line  # on-demand
     env_file = tmp_path / "mine.env"
-    env_file.write_text((SCRIPTS / "config.env").read_text().replace("ACCELERATOR_TYPE=v5p-8", "ACCELERATOR_TYPE=v6e-16"))
+    default = (SCRIPTS / "config.env").read_text()
+    env_file.write_text(default.replace("ACCELERATOR_TYPE=v5p-8", "ACCELERATOR_TYPE=v6e-16"))
     [line] = dry_run(fake_gcloud, "create.sh", f"--env-file={env_file}")
     assert flag(line, "accelerator-type") == "v6e-16" and flag(line, "runtime-version") == "v2-alpha-tpuv6e"
 
@@ -135,10 +137,49 @@ def test_launch_runs_the_same_training_command_on_every_worker(fake_gcloud):
     assert "--worker=all" in line
     command = flag(line, "command")
     assert ("alpacare-venv/bin/python -m alpacare_jax.train --config=configs/llama2_7b.py "
-            "--workdir=gs://my-bucket/r1 --config.num_epochs=1") in command
+            "--workdir=gs://my-bucket/r1 --config.init_from_hf=gs://my-bucket/Llama-2-7b-hf "
+            "--config.data.data_dir=gs://my-bucket/tfds --config.num_epochs=1") in command
     assert "setsid nohup bash tpu_scripts/worker_train.sh" in command  # survives the ssh session
     assert "DONE_MARKER=gs://my-bucket/r1/DONE" in command
     assert command.endswith(">> $HOME/alpacare-logs/r1.log 2>&1 < /dev/null &")
+
+
+def train_args(ssh_line: list[str]) -> list[str]:
+    """The trainer's flags in a launch command (after `-m alpacare_jax.train`, before the log redirection)."""
+    words = shlex.split(flag(ssh_line, "command"))
+    return words[words.index("alpacare_jax.train") + 1:words.index(">>")]
+
+
+def test_launch_passes_the_base_model_and_data_locations(fake_gcloud):
+    [line] = dry_run(fake_gcloud, "launch.sh", "--base-model=gs://weights/Llama-2-13b-hf/", DATA_DIR="gs://data/tfds")
+    assert "--config.init_from_hf=gs://weights/Llama-2-13b-hf" in train_args(line)
+    assert "--config.data.data_dir=gs://data/tfds" in train_args(line)
+    # Empty: the training config's own locations.
+    [line] = dry_run(fake_gcloud, "launch.sh", "--base-model=", "--data-dir=", "--train-args=--config.seed=3")
+    assert train_args(line) == ["--config=configs/llama2_7b.py", "--workdir=gs://my-bucket/llama2-7b-alpacare",
+                                "--config.seed=3"]
+    proc = run_script(fake_gcloud, "launch.sh", "--dry-run", "--workdir=/mnt/run", check=False, BUCKET="")
+    assert proc.returncode != 0 and "BUCKET is not set" in proc.stderr  # the default BASE_MODEL needs it
+
+
+def test_staging_copies_to_every_worker_and_the_trainer_reads_the_copies(fake_gcloud):
+    lines = dry_run(fake_gcloud, "launch.sh", "--stage=true", "--base-model=gs://weights/Llama-2-7b-hf")
+    stage, launch = gcloud_lines(lines, "tpu-vm", "ssh")
+    assert "--worker=all" in stage and "--worker=all" in launch
+    assert flag(stage, "command").split(" && ") == [
+        "mkdir -p $HOME/alpacare-stage",
+        "gcloud storage rsync --recursive gs://weights/Llama-2-7b-hf $HOME/alpacare-stage/Llama-2-7b-hf",
+        "gcloud storage rsync --recursive gs://my-bucket/tfds $HOME/alpacare-stage/tfds",
+    ]
+    assert train_args(launch)[2:4] == ["--config.init_from_hf=$HOME/alpacare-stage/Llama-2-7b-hf",
+                                       "--config.data.data_dir=$HOME/alpacare-stage/tfds"]
+    # A location already on the workers' disks is passed as it is and never copied.
+    [stage] = dry_run(fake_gcloud, "stage.sh", "--base-model=/mnt/models/llama", STAGE_DIR="copies")
+    assert flag(stage, "command") == ("mkdir -p $HOME/copies && "
+                                      "gcloud storage rsync --recursive gs://my-bucket/tfds $HOME/copies/tfds")
+    lines = dry_run(fake_gcloud, "launch.sh", "--base-model=/mnt/models/llama", "--data-dir=", STAGE="true")
+    [launch] = gcloud_lines(lines, "tpu-vm", "ssh")  # nothing to stage
+    assert "--config.init_from_hf=/mnt/models/llama" in train_args(launch)
 
 
 def test_status_logs_delete(fake_gcloud):

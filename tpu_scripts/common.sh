@@ -11,8 +11,8 @@ DRY_RUN=0
 
 # Settings that a --kebab-case=value flag may set (see config.env for what each means).
 SETTINGS="PROJECT ZONE BUCKET TPU_NAME QR_NAME ACCELERATOR_TYPE RUNTIME_VERSION SPOT RESERVED CREATE_FLAGS
-CONFIG RUN_NAME WORKDIR TRAIN_ARGS REPO_URL REPO_REF REMOTE_DIR VENV PYTHON_VERSION LOG_DIR POLL_SECONDS
-DELETE_WHEN_DONE"
+CONFIG RUN_NAME WORKDIR BASE_MODEL DATA_DIR TRAIN_ARGS STAGE STAGE_DIR REPO_URL REPO_REF REMOTE_DIR VENV
+PYTHON_VERSION LOG_DIR POLL_SECONDS DELETE_WHEN_DONE"
 
 die() { echo "error: $*" >&2; exit 1; }
 log() { echo "[$(date '+%Y-%m-%d %H:%M:%S')] $*" >&2; }
@@ -180,28 +180,60 @@ tpu_setup() {  # code on every worker, then a Python >= 3.11 venv (uv) with the 
   else
     copy_checkout || return
   fi
-  # gcsfs: without TensorFlow, etils (orbax, metrics) reaches gs:// paths through fsspec/gcsfs.
-  on_workers all "python3 -m pip install -q --user --upgrade uv && ~/.local/bin/uv venv -q --allow-existing --python=$PYTHON_VERSION $VENV && ~/.local/bin/uv pip install -q --python=$VENV/bin/python -e \"./${REMOTE_DIR}[tpu]\" gcsfs"
+  # The tpu extra brings gcsfs: without TensorFlow, gs:// paths are reached through fsspec/gcsfs.
+  on_workers all "python3 -m pip install -q --user --upgrade uv && ~/.local/bin/uv venv -q --allow-existing --python=$PYTHON_VERSION $VENV && ~/.local/bin/uv pip install -q --python=$VENV/bin/python -e \"./${REMOTE_DIR}[tpu]\""
+}
+
+staged() {  # staged LOCATION: where the trainer reads LOCATION from: with STAGE=true a gs:// one is copied first
+  local location=${1%/}
+  case "$STAGE/$location" in
+    true/gs://*) echo "\$HOME/$STAGE_DIR/${location##*/}" ;;
+    *) echo "$location" ;;
+  esac
+}
+
+tpu_stage() {  # copy the gs:// BASE_MODEL and DATA_DIR to every worker's disk (rsync: a rerun copies what is missing)
+  require PROJECT ZONE TPU_NAME STAGE_DIR
+  require_locations
+  local location command="mkdir -p \$HOME/$STAGE_DIR"
+  for location in "$BASE_MODEL" "$DATA_DIR"; do
+    case "$location" in
+      gs://*) command="$command && gcloud storage rsync --recursive ${location%/} $(STAGE=true staged "$location")" ;;
+    esac
+  done
+  if [ "$command" = "mkdir -p \$HOME/$STAGE_DIR" ]; then
+    log "nothing to stage: neither BASE_MODEL nor DATA_DIR is a gs:// location"
+    return 0
+  fi
+  on_workers all "$command"
 }
 
 train_command() {  # what every worker runs: the same command on each host, jax finds its peers itself
-  echo "\$HOME/$VENV/bin/python -m alpacare_jax.train --config=$CONFIG --workdir=$WORKDIR${TRAIN_ARGS:+ $TRAIN_ARGS}"
+  local model data
+  model=$(staged "$BASE_MODEL")
+  data=$(staged "$DATA_DIR")
+  echo "\$HOME/$VENV/bin/python -m alpacare_jax.train --config=$CONFIG --workdir=$WORKDIR${model:+ --config.init_from_hf=$model}${data:+ --config.data.data_dir=$data}${TRAIN_ARGS:+ $TRAIN_ARGS}"
 }
 
-tpu_launch() {  # start training on every worker, detached (setsid + nohup) so it outlives the ssh session
+tpu_launch() {  # (with STAGE=true: stage first, then) start training on every worker, detached (setsid + nohup)
   require PROJECT ZONE TPU_NAME CONFIG RUN_NAME REMOTE_DIR VENV LOG_DIR
-  require_workdir
+  require_locations
+  if [ "$STAGE" = true ]; then tpu_stage || return; fi
   local log_dir="\$HOME/$LOG_DIR"
   on_workers all "mkdir -p $log_dir && cd $REMOTE_DIR && DONE_MARKER=$WORKDIR/DONE setsid nohup bash tpu_scripts/worker_train.sh $(train_command) >> $log_dir/$RUN_NAME.log 2>&1 < /dev/null &"
 }
 
-require_workdir() {  # the default WORKDIR is gs://BUCKET/RUN_NAME: without a bucket it is no path at all
-  case "$WORKDIR" in gs:///*) require BUCKET ;; "") require WORKDIR ;; esac
+require_locations() {  # the defaults gs://BUCKET/... are no paths at all without a bucket; WORKDIR is needed
+  local var
+  for var in WORKDIR BASE_MODEL DATA_DIR; do
+    case "${!var}" in gs:///*) require BUCKET ;; esac
+  done
+  require WORKDIR
 }
 
 # run_done VAR [DRY_VALUE]: VAR := 1 when the run has finished (worker_train.sh wrote WORKDIR/DONE), else empty.
 run_done() {
-  require_workdir
+  require_locations
   local listing
   query listing "${2:-}" gcloud storage ls "$WORKDIR/DONE"
   printf -v "$1" '%s' "${listing:+1}"
