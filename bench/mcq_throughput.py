@@ -39,7 +39,9 @@ def run_jax(steps: int) -> list[float]:
 
     from alpacare_jax import sharding
     from alpacare_jax.model import LlamaConfig, LlamaForScoring
-    from alpacare_jax.train import objectives, optimizer, state as state_lib, step as step_lib
+    from alpacare_jax.train import objectives, optimizer
+    from alpacare_jax.train import state as state_lib
+    from alpacare_jax.train import step as step_lib
     from alpacare_jax.train.config import base_config
 
     model_config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=MLP, num_layers=LAYERS,

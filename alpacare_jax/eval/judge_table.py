@@ -1,6 +1,6 @@
 """The AlpaCare free-form evaluation (the paper's Table 1) in one command:
 
-    python -m alpacare_jax.eval.judge_table --model=HF_DIR_OR_WORKDIR [--model=...] --data_dir=TFDS --out_dir=EVAL
+    alpacare-eval judge_table --model=HF_DIR_OR_WORKDIR [--model=...] --data_dir=TFDS --out_dir=EVAL
 
 For each model and test set (iCliniq, MedInstruct-test) it generates answers (`alpacare_jax.infer.generate`),
 has the LLM judge compare them with each reference model's answers (gpt-4, gpt-3.5-turbo,
@@ -22,25 +22,38 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from data_gen import judge as judge_lib
-from data_gen.client import ClientConfig
-from data_gen.errors import DataError, FatalAPIError
-from data_gen.runner import RunSettings
-from data_gen.store import write_json_atomic
-
 from alpacare_jax.data.records import REFERENCE_MODELS
-from alpacare_jax.infer.generate import (TEST_SETS, Task, add_model_flags, add_sampling_flags, answered_all,
-                                   generate_outputs, load_test_set, sampling_from_args, setup_logging)
+from alpacare_jax.infer.cli import (
+    DEFAULT_MAX_NEW_TOKENS,
+    add_model_flags,
+    add_sampling_flags,
+    sampling_from_args,
+    setup_logging,
+)
+from alpacare_jax.infer.generate import TEST_SETS, Task, answered_all, generate_outputs, load_test_set
+from alpacare_jax.infer.loading import load_model, model_name
+from alpacare_jax.model import SamplingConfig
+from data_gen import (
+    DataError,
+    FatalAPIError,
+    JudgeConfig,
+    JudgeIncomplete,
+    RunSettings,
+    add_client_flags,
+    build_comparisons,
+    read_summaries,
+    run_judge,
+    run_settings,
+    write_json_atomic,
+)
 
 # How the paper (and the judge summaries) name the test sets; Table 1 lists iCliniq first.
 TEST_SET_TITLES = {"icliniq": "iCliniq", "medinstruct_test": "MedInstruct-test"}
 TABLE_ORDER = ("icliniq", "medinstruct_test")
-SUMMARY_GLOB = "winrate__*.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +97,10 @@ def ensure_test_set(name: str, data_dir: str | None, source: str | None) -> None
     """Builds the TFDS test set from the AlpaCare data directory when it is missing and --source is given."""
     if source is None:
         return
+    # TFDS takes seconds to import: only when a test set may have to be built.
     import tensorflow_datasets as tfds
 
-    import alpacare_jax.data.medinstruct  # noqa: F401  (registers the builder)
-    from alpacare_jax.data.build import DATASET_NAME, build_dataset
+    from alpacare_jax.data.build import DATASET_NAME, build_dataset  # registers the builder too
 
     if not tfds.builder(f"{DATASET_NAME}/{name}", data_dir=data_dir or None).is_prepared():
         if not data_dir:
@@ -96,15 +109,6 @@ def ensure_test_set(name: str, data_dir: str | None, source: str | None) -> None
 
 
 # ---- the table ------------------------------------------------------------------------------------------
-
-def read_summaries(judge_dir: Path, judge_model: str) -> list[dict]:
-    summaries = []
-    for path in sorted(judge_dir.glob(SUMMARY_GLOB)):
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        if summary.get("judge_model") == judge_model:
-            summaries.append(summary)
-    return summaries
-
 
 def format_table(summaries: Sequence[dict], test_sets: Sequence[str] = tuple(TEST_SET_TITLES[t] for t in TABLE_ORDER),
                  references: Sequence[str] = REFERENCE_MODELS) -> str:
@@ -155,55 +159,56 @@ def format_table(summaries: Sequence[dict], test_sets: Sequence[str] = tuple(TES
 
 # ---- the recipe -----------------------------------------------------------------------------------------
 
-def evaluate(args: argparse.Namespace) -> int:
-    from alpacare_jax.infer.loading import load_model, model_name
+def judge_table(models: Sequence[str | Path], out_dir: str | Path, *, judge: RunSettings,
+                judge_model: str = JudgeConfig().model, data_dir: str | None = None, source: str | None = None,
+                test_sets: Sequence[str] = TABLE_ORDER, references: Sequence[str] = REFERENCE_MODELS,
+                limit: int | None = None, step: int | None = None, dtype: str | None = None,
+                sampling: SamplingConfig | None = None, batch_size: int = 16, allow_missing: bool = False,
+                progress: bool = True) -> None:
+    """Answers, verdicts and the table for `models` under `out_dir` (see the module docstring).
 
-    layout = EvalLayout(Path(args.out_dir))
-    test_sets = [t.strip() for t in args.test_sets.split(",") if t.strip()]
+    Raises `JudgeIncomplete` (with the exit status) when the table must not be taken as final.
+    """
+    layout = EvalLayout(Path(out_dir))
     for test_set in test_sets:
         if test_set not in TEST_SETS:
             raise ValueError(f"--test_sets: unknown test set {test_set!r}; choose from {TEST_SETS}")
-    references = [r.strip() for r in args.references.split(",") if r.strip()]
     for reference in references:
         if reference not in REFERENCE_MODELS:
             raise ValueError(f"--references: unknown reference model {reference!r}; choose from {REFERENCE_MODELS}")
 
     tasks = {}
     for test_set in test_sets:
-        ensure_test_set(test_set, args.data_dir, args.source)
-        tasks[test_set] = load_test_set(test_set, args.data_dir)[: args.limit]
+        ensure_test_set(test_set, data_dir, source)
+        tasks[test_set] = load_test_set(test_set, data_dir)[:limit]
     reference_files = {t: write_references(tasks[t], layout, t, references) for t in test_sets}
 
-    sampling = sampling_from_args(args)
+    sampling = sampling or SamplingConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
     model_names = []
-    for model_path in args.model:
+    for model_path in models:
         name = model_name(model_path)
         if all(answered_all(layout.outputs(name, t), tasks[t]) for t in test_sets):
             model_names.append(name)
             print(f"{name}: every test set already answered (model not loaded)", flush=True)
             continue
-        loaded = load_model(model_path, step=args.step, dtype=args.dtype)
+        loaded = load_model(model_path, step=step, dtype=dtype)
         model_names.append(loaded.name)
         for test_set in test_sets:
             stats = generate_outputs(loaded, tasks[test_set], layout.outputs(loaded.name, test_set), sampling,
-                                     batch_size=args.batch_size, progress=not args.no_progress)
+                                     batch_size=batch_size, progress=progress)
             print(f"{loaded.name} on {TEST_SET_TITLES[test_set]}: {stats.line()}", flush=True)
         del loaded
 
     comparisons = [
-        judge_lib.build_comparison(layout.outputs(name, t), reference_files[t][r], model_name=name,
-                                   reference_name=r, test_set=TEST_SET_TITLES[t])
+        comparison
         for name in model_names for t in test_sets for r in references
+        for comparison in build_comparisons([layout.outputs(name, t)], [reference_files[t][r]], model_name=name,
+                                            reference_name=r, test_sets=[TEST_SET_TITLES[t]])
     ]
-    judge_config = judge_lib.JudgeConfig(model=args.judge_model)
-    settings = RunSettings(client=ClientConfig(base_url=args.base_url, api_key=args.api_key,
-                                               concurrency=args.concurrency, timeout=args.timeout,
-                                               max_attempts=args.max_attempts),
-                           max_cost=args.max_cost, progress=not args.no_progress)
-    run, _ = judge_lib.run_judge(comparisons, judge_config, settings, layout.annotations, layout.judge_dir)
-    print(f"judge: {run.line()}", file=sys.stderr)
-    print_table(layout, args.judge_model)
-    return 0 if run.finished else 1
+    judged = run_judge(comparisons, JudgeConfig(model=judge_model), judge, layout.annotations, layout.judge_dir)
+    print(f"judge: {judged.run.line()}", file=sys.stderr)
+    print_table(layout, judge_model)
+    judged.check(allow_missing=allow_missing)  # the same rules as `data_gen judge`, the same exit statuses
 
 
 def print_table(layout: EvalLayout, judge_model: str) -> None:
@@ -214,8 +219,13 @@ def print_table(layout: EvalLayout, judge_model: str) -> None:
     print(text, flush=True)
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alpacare_jax.eval.judge_table", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="alpacare-eval judge_table",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=[],
                         help="HF model directory or training workdir (repeat for several models)")
     parser.add_argument("--out_dir", required=True, help="where outputs, verdicts, summaries and the table go")
@@ -230,13 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     add_model_flags(parser)
     add_sampling_flags(parser)
     judge = parser.add_argument_group("judge")
-    judge.add_argument("--judge_model", default=judge_lib.JudgeConfig().model)
-    judge.add_argument("--base_url", default=None, help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL)")
-    judge.add_argument("--api_key", default=None, help="default: $OPENAI_API_KEY (prefer it: flags show in ps)")
-    judge.add_argument("--concurrency", type=int, default=16)
-    judge.add_argument("--timeout", type=float, default=120.0)
-    judge.add_argument("--max_attempts", type=int, default=6)
-    judge.add_argument("--max_cost", type=float, default=None, help="USD budget for the judge's requests")
+    judge.add_argument("--judge_model", default=JudgeConfig().model)
+    judge.add_argument("--allow_missing", action="store_true",
+                       help="exit 0 even when test-set rows have no answer (they are still listed)")
+    add_client_flags(parser, "judge endpoint and client")
     args = parser.parse_args(argv)
     setup_logging()
     try:
@@ -245,13 +252,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.model:
             parser.error("--model is required (or --table_only)")
-        return evaluate(args)
+        judge_table(args.model, args.out_dir, judge=run_settings(args, progress=not args.no_progress),
+                    judge_model=args.judge_model, data_dir=args.data_dir, source=args.source,
+                    test_sets=_names(args.test_sets), references=_names(args.references), limit=args.limit,
+                    step=args.step, dtype=args.dtype, sampling=sampling_from_args(args), batch_size=args.batch_size,
+                    allow_missing=args.allow_missing, progress=not args.no_progress)
+        return 0
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except FatalAPIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except JudgeIncomplete as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
 
 
 if __name__ == "__main__":

@@ -45,11 +45,12 @@ def _record(task: str, split: str, i: int, rng: random.Random) -> dict:
     """One record in the columns of `task`'s dataset."""
     options = [_text(rng, rng.randint(1, 4)) for _ in range(4)]
     if task == "medqa_4options":
-        return {"id": f"q{i}", "sent1": _text(rng, 12) + "?", "sent2": "", **{f"ending{k}": o for k, o in enumerate(options)},
-                "label": rng.randrange(4)}
+        return {"id": f"q{i}", "sent1": _text(rng, 12) + "?", "sent2": "",
+                **{f"ending{k}": o for k, o in enumerate(options)}, "label": rng.randrange(4)}
     if task == "headqa_en":
-        return {"name": "Cuaderno_2013_1_B", "year": "2013", "category": "biology", "qid": i, "qtext": _text(rng, 10) + "?",
-                "ra": rng.randint(1, 4), "image": "", "answers": [{"aid": k + 1, "atext": o} for k, o in enumerate(options)]}
+        return {"name": "Cuaderno_2013_1_B", "year": "2013", "category": "biology", "qid": i,
+                "qtext": _text(rng, 10) + "?", "ra": rng.randint(1, 4), "image": "",
+                "answers": [{"aid": k + 1, "atext": o} for k, o in enumerate(options)]}
     if task == "pubmedqa":
         # One abstract far longer than the tiny model's context: the backends must truncate it from the left.
         contexts = [_text(rng, 300 if i == 0 else 20), _text(rng, 15)]

@@ -10,7 +10,7 @@ import pytest
 from alpacare_jax.data.records import REFERENCE_MODELS
 from alpacare_jax.eval.judge_table import format_table
 from tests.data_gen.fake_openai_server import FakeOpenAI
-from tests.infer.fixtures import GROUP, MODEL_NAME, run_module, subprocess_env, trained  # noqa: F401
+from tests.infer.fixtures import GROUP, MODEL_NAME, run_module, subprocess_env, test_sets_dir, trained  # noqa: F401
 
 ROWS = 5
 SECRET = "sk-eval-test-never-written-3c1d"
@@ -24,9 +24,9 @@ def test_checkpoint_to_judged_win_rate_table(trained, alpacare_data, tmp_path): 
         env = dict(subprocess_env(1), OPENAI_BASE_URL=judge.base_url, OPENAI_API_KEY=SECRET)
         args = [f"--model={trained}", f"--data_dir={tmp_path / 'tfds'}", f"--source={alpacare_data}",
                 f"--out_dir={out_dir}", f"--limit={ROWS}", "--max_new_tokens=16", "--batch_size=8", "--no_progress"]
-        proc = run_module("alpacare_jax.eval.judge_table", *args, env=env, timeout=240)
+        proc = run_module("alpacare_jax.eval", "judge_table", *args, env=env, timeout=240)
         requests = len(judge.ledger)
-        rerun = run_module("alpacare_jax.eval.judge_table", *args, env=env, timeout=240)
+        rerun = run_module("alpacare_jax.eval", "judge_table", *args, env=env, timeout=240)
         assert len(judge.ledger) == requests  # every verdict and answer came from the caches
     # 2 test sets x 4 reference models x ROWS examples x 2 orders
     assert requests == 2 * len(REFERENCE_MODELS) * ROWS * 2
@@ -69,3 +69,28 @@ def test_table_layout_marks_missing_and_incomplete_cells():
     assert lines[2].replace("|", " ").split() == ["a", "10.0", "20.0", "30.0", "40.0", "25.0"] + ["-"] * 5
     assert lines[3].replace("|", " ").split() == ["b"] + ["-"] * 5 + ["50.0*", "-", "-", "-", "50.0"]
     assert lines[-1].startswith("* judging incomplete")
+
+
+def test_nothing_judged_is_never_success(test_sets_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Answers already on disk (so no model is loaded) and a judge whose every reply is unparseable: the table is
+    written, and the command fails as `data_gen judge` does (exit 1), never exiting 0 with nothing scored."""
+    from alpacare_jax.eval.judge_table import EvalLayout, main
+    from alpacare_jax.infer.generate import load_test_set
+
+    layout = EvalLayout(tmp_path / "eval")
+    for test_set in ("icliniq", "medinstruct_test"):
+        rows = [{"id": t.id, "instruction": t.instruction, "input": t.input, "output": "An answer.", "generator": "m"}
+                for t in load_test_set(test_set, str(test_sets_dir))[:2]]
+        layout.outputs("m", test_set).parent.mkdir(parents=True, exist_ok=True)
+        layout.outputs("m", test_set).write_text(json.dumps(rows))
+    with FakeOpenAI(judge=lambda a, b: "I cannot decide.", lifetime=120) as judge:
+        monkeypatch.setenv("OPENAI_BASE_URL", judge.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+        status = main([f"--model={tmp_path / 'm'}", f"--data_dir={test_sets_dir}", f"--out_dir={layout.root}",
+                       "--limit=2", "--references=gpt-4", "--no_progress"])
+    assert len(judge.ledger) == 2 * 2 * 2  # test sets x rows x orders
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "error: no scored verdict at all, so no win rate, for m vs gpt-4 on iCliniq, m vs gpt-4 on " \
+           "MedInstruct-test" in err
+    assert layout.table.exists()

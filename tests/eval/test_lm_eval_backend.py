@@ -94,10 +94,18 @@ def test_matches_hf_backend(tiny_hf_dir, hf_reference, tmp_path):  # noqa: F811
     from alpacare_jax.eval.lm_eval_backend import AlpacareJaxLM
 
     data_dir, reference = hf_reference
-    # Batches of 3 rows: several batches, mixed lengths, and a last, partly filled one.
-    ours = run_tasks(AlpacareJaxLM(str(tiny_hf_dir), batch_size=3), PARITY_TASKS, data_dir, tmp_path / "tasks")
+    # Batches of 3 rows (and decoding slots): several batches, mixed lengths, and a last, partly filled one;
+    # rows of 128 tokens, so several sequences share a row but long ones do not fit with others.
+    lm = AlpacareJaxLM(str(tiny_hf_dir), batch_size=3, pack_length=128)
+    ours = run_tasks(lm, PARITY_TASKS, data_dir, tmp_path / "tasks")
     generated = responses(reference)["bbh_fewshot_boolean_expressions"]
     assert any(len(text) < 10 for text in generated), "no stop string was hit: the test would not check them"
+    # Every way of scoring was used: packed sequences (yes/no, rolling windows), contexts shared by several
+    # multi-token continuations (MC2), a prefix run once for the requests that share it (MMLU's instruction,
+    # MC2's six-question primer), and decoding rows stopped at a stop string.
+    assert lm.work["packed forwards"] and lm.work["shared-context forwards"], lm.work
+    assert lm.work["shared prefixes"] >= 2 and lm.work["forwards after a shared prefix"], lm.work
+    assert lm.work["rows stopped at a stop string"], lm.work
     assert_same_results(ours, reference)
 
 
@@ -143,3 +151,21 @@ def test_two_processes_of_four_devices(tiny_hf_dir, hf_reference, tmp_path):  # 
         for proc in procs:
             proc.kill()
     assert_same_results(json.loads(out.read_text()), reference)
+
+
+def test_prefix_groups_share_only_what_precedes_every_scored_token():
+    from alpacare_jax.eval.lm_eval_backend import MIN_PREFIX, _prefix_groups, _Sequence
+
+    shots = tuple(range(100, 100 + 2 * MIN_PREFIX))  # a task's few-shot prompt
+    questions = [_Sequence(shots + (i, 7, 8), span=2) for i in range(4)]
+    short = _Sequence(shots[:MIN_PREFIX - 1] + (9, 9), span=1)  # shares too little with the others
+    # Begins like the questions, but scores tokens from inside the shots: the prefix stops before them.
+    early = _Sequence(shots + (0, 7), span=len(shots) - MIN_PREFIX + 2)
+    groups = _prefix_groups([*questions, short, early], lambda s: len(s.tokens) - s.span)
+    assert [(len(prefix), len(members)) for prefix, members in groups] == [(MIN_PREFIX, 5), (0, 1)]
+    (prefix, members), (_, rest) = groups
+    assert prefix == shots[:MIN_PREFIX] and rest == [short]
+    assert set(map(id, members)) == set(map(id, [*questions, early]))
+    # Without `early`, the whole few-shot prompt is shared.
+    [(prefix, members), _] = _prefix_groups([*questions, short], lambda s: len(s.tokens) - s.span)
+    assert prefix == shots and len(members) == 4

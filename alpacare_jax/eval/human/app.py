@@ -1,21 +1,31 @@
 """The study web app: blind A/B rating pages for raters, results and exports for the admin.
 
-Who is who: an invite link ``/login/{token}`` stores the token in an HttpOnly cookie; every later request is
-a rater's or the admin's by that cookie alone. A rater reaches only their own assignments (any other answers
-403, as do the admin pages); the admin reaches only the admin pages.
+Who is who: an invite link ``/login/{token}`` shows a sign-in button; its POST stores the token in the session
+cookie, and every later request is a rater's or the admin's by that cookie alone. A rater reaches only their
+own assignments (any other answers 403, as do the admin pages); the admin reaches only the admin pages.
+
+Signing in takes a POST so that another site cannot sign a browser in as someone else (login CSRF: a rater's
+page or image pointing at ``/login/<the attacker's token>`` would otherwise file the victim's votes under the
+attacker's rater). The form carries a fresh random nonce that must equal a SameSite=Strict cookie set with the
+form, which a cross-site request neither knows nor carries.
+
+Cookies are HttpOnly, SameSite and, when the request came over HTTPS (``serve --ssl_certfile``, or a proxy
+saying ``X-Forwarded-Proto: https``), Secure. The session cookie is SameSite=Lax, not Strict, so a rater's
+bookmark or link from an email opens their next item; every state change is a POST with a CSRF token anyway.
 
 Blinding by construction: the rater pages are rendered from `RaterItem`, which holds the texts and the A/B
 answers but no model or file. Model names reach only the admin pages.
 
-Forms carry a CSRF token (an HMAC of the session token under the study's secret); the cookie is SameSite=Lax
-as a second line. Texts are rendered escaped by Jinja2 (no Markdown, no HTML from answers), and the
-Content-Security-Policy allows only this site's script file, so even a missed escape could not run a script.
+Rating forms carry a CSRF token (an HMAC of the session token under the study's secret). Texts are rendered
+escaped by Jinja2 (no Markdown, no HTML from answers), and the Content-Security-Policy allows only this site's
+script file, so even a missed escape could not run a script.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import socket
 import sqlite3
 from dataclasses import dataclass
@@ -35,6 +45,9 @@ from .study import Invites, StudyError
 
 HERE = Path(__file__).parent
 COOKIE = "study_session"
+LOGIN_COOKIE = "study_login"  # the sign-in form's nonce
+SESSION_MAX_AGE = 180 * 24 * 3600  # a study runs for weeks; raters resume from the same browser
+LOGIN_MAX_AGE = 3600
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
                                "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -42,6 +55,21 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",  # invite tokens appear in URLs: never pass them on
     "Cache-Control": "no-store",
 }
+
+
+def is_https(request: Request) -> bool:
+    """Whether the browser reached us over HTTPS: directly, or through a proxy that says so.
+
+    A client that fakes ``X-Forwarded-Proto`` only gets Secure cookies its browser will not send back over
+    plain HTTP, so trusting the header costs nothing.
+    """
+    forwarded = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return request.url.scheme == "https" or forwarded == "https"
+
+
+def set_cookie(request: Request, response: Response, name: str, value: str, *, max_age: int, samesite: str) -> None:
+    response.set_cookie(name, value, max_age=max_age, path="/", httponly=True, samesite=samesite,
+                        secure=is_https(request))
 
 
 @dataclass(frozen=True)
@@ -91,8 +119,8 @@ def create_app(db_path: str | Path) -> FastAPI:
     def csrf_for(session: Session) -> str:
         return hmac.new(secret, b"csrf:" + session.token.encode(), hashlib.sha256).hexdigest()
 
-    def session(request: Request) -> Session | None:
-        token = request.cookies.get(COOKIE, "")
+    def holder(token: str) -> Session | None:
+        """Whose token this is: the admin's, a rater's, or nobody's."""
         if not token:
             return None
         if hmac.compare_digest(token.encode(), admin_token.encode()):
@@ -100,6 +128,15 @@ def create_app(db_path: str | Path) -> FastAPI:
         with db.opened(db_path) as conn:
             row = conn.execute("SELECT id, name FROM raters WHERE token = ?", (token,)).fetchone()
         return Session(token, row["id"], row["name"]) if row else None
+
+    def session(request: Request) -> Session | None:
+        return holder(request.cookies.get(COOKIE, ""))
+
+    def invited(token: str) -> Session:
+        s = holder(token)
+        if s is None:
+            raise HTTPException(403, "This invite link is not valid for this study.")
+        return s
 
     def rater(request: Request) -> Session:
         s = session(request)
@@ -155,14 +192,29 @@ def create_app(db_path: str | Path) -> FastAPI:
         return templates.TemplateResponse(request, "message.html", {"title": f"Error {exc.status_code}",
                                                                     "message": exc.detail}, status_code=exc.status_code)
 
-    @app.get("/login/{token}")
-    def login(token: str):
-        with db.opened(db_path) as conn:
-            is_rater = conn.execute("SELECT 1 FROM raters WHERE token = ?", (token,)).fetchone() is not None
-        if not (is_rater or hmac.compare_digest(token.encode(), admin_token.encode())):
-            raise HTTPException(403, "This invite link is not valid for this study.")
-        response = RedirectResponse("/rate" if is_rater else "/admin", status_code=303)
-        response.set_cookie(COOKIE, token, max_age=180 * 24 * 3600, httponly=True, samesite="lax")
+    @app.get("/login/{token}", response_class=HTMLResponse)
+    def login_form(request: Request, token: str):
+        who = invited(token)
+        nonce = secrets.token_urlsafe(16)
+        if who.rater_id is None:
+            text = {"heading": "Study results", "button": "Open the results",
+                    "message": "This is the study's admin link: it shows the results and every rater's link."}
+        else:
+            text = {"heading": "Answer comparison", "button": "Start rating",
+                    "message": f"You are signing in as {who.name}. Keep this link to yourself: it is your key."}
+        response = templates.TemplateResponse(request, "login.html", {**text, "token": token, "nonce": nonce})
+        set_cookie(request, response, LOGIN_COOKIE, nonce, max_age=LOGIN_MAX_AGE, samesite="strict")
+        return response
+
+    @app.post("/login")
+    def login(request: Request, token: str = Form(""), login_nonce: str = Form("")):
+        expected = request.cookies.get(LOGIN_COOKIE, "")
+        if not (expected and hmac.compare_digest(login_nonce.encode(), expected.encode())):
+            raise HTTPException(403, "Sign-in must start from your invite link: open it again.")
+        who = invited(token)
+        response = RedirectResponse("/admin" if who.rater_id is None else "/rate", status_code=303)
+        set_cookie(request, response, COOKIE, token, max_age=SESSION_MAX_AGE, samesite="lax")
+        response.delete_cookie(LOGIN_COOKIE, path="/", httponly=True, samesite="strict", secure=is_https(request))
         return response
 
     @app.get("/")
@@ -197,7 +249,8 @@ def create_app(db_path: str | Path) -> FastAPI:
             if bad := [c for c in db.CRITERIA if given[c] not in db.CHOICES]:
                 return rating_page(request, s, item, f"Choose A, tie or B for {' and '.join(bad)}.", 400)
             if len(comment) > db.MAX_COMMENT_CHARS:
-                return rating_page(request, s, item, f"The comment is longer than {db.MAX_COMMENT_CHARS} characters.", 400)
+                too_long = f"The comment is longer than {db.MAX_COMMENT_CHARS} characters."
+                return rating_page(request, s, item, too_long, 400)
             with db.transaction(conn):
                 conn.execute("""
                     INSERT INTO votes (assignment_id, correctness, helpfulness, comment) VALUES (?, ?, ?, ?)
@@ -246,13 +299,21 @@ def create_app(db_path: str | Path) -> FastAPI:
     return app
 
 
-def serve(db_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve a study until interrupted. The socket is bound first, so port 0 prints the port actually used."""
+def serve(db_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None) -> None:
+    """Serve a study until interrupted, over HTTPS when given a certificate and its key.
+
+    The socket is bound first, so port 0 prints the port actually used.
+    """
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise StudyError("HTTPS needs both --ssl_certfile and --ssl_keyfile")
     app = create_app(db_path)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)  # connections made from here on wait in the backlog until uvicorn accepts them
     bound_host, bound_port = sock.getsockname()[:2]
-    print(f"serving study {db_path} at http://{bound_host}:{bound_port}/", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    scheme = "https" if ssl_certfile else "http"
+    print(f"serving study {db_path} at {scheme}://{bound_host}:{bound_port}/", flush=True)
+    config = uvicorn.Config(app, log_level="warning", ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from data_gen.errors import DataError
+from data_gen import DataError
 
 from .study import StudyError, create_study
 
@@ -24,7 +24,7 @@ def _create(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from .app import serve  # the web stack is needed only here
 
-    serve(args.db, host=args.host, port=args.port)
+    serve(args.db, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
 
 
 def _results(args: argparse.Namespace) -> None:
@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--outputs", type=Path, nargs="+", required=True,
                         help="JSON / JSONL answers: `generate` outputs or AlpaCare's released outputs")
     create.add_argument("--sample", type=int, default=None,
-                        help="tasks to sample (default: all answered by every file); each gives one item per model pair")
+                        help="tasks to sample (default: all answered by every file); "
+                             "each gives one item per model pair")
     create.add_argument("--seed", type=int, default=0, help="seeds the sample, the rater queues and the A/B sides")
     create.add_argument("--raters", type=int, default=3)
     create.add_argument("--overlap", type=int, default=None,
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--db", type=Path, required=True)
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to reach it from other machines")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    serve.add_argument("--ssl_certfile", default=None, help="serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--ssl_keyfile", default=None, help="the certificate's private key (PEM)")
     serve.set_defaults(run=_serve)
 
     results = commands.add_parser("results", help="print the results; write results.json, votes.csv and chart.png")

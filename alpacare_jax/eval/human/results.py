@@ -106,7 +106,8 @@ class StudyResults:
         """A plain-text report for the terminal."""
         lines = [f"{'model pair':<44} {'criterion':<12} {'win':>5} {'tie':>5} {'loss':>5} {'preference (95% CI)':>24}"]
         for c in self.comparisons:
-            lines.append(f"{c.model_1 + ' vs ' + c.model_2:<44} {c.criterion:<12} {c.wins:>5} {c.ties:>5} {c.losses:>5} "
+            pair = f"{c.model_1} vs {c.model_2}"
+            lines.append(f"{pair:<44} {c.criterion:<12} {c.wins:>5} {c.ties:>5} {c.losses:>5} "
                          f"{c.preference:>9.1%} ({c.ci_low:.1%}-{c.ci_high:.1%})")
         for a in self.agreement:
             lines.append(f"{a.criterion}: percent agreement {a.percent_agreement:.1%} over {a.items} items, "

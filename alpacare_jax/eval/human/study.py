@@ -23,9 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_gen.errors import DataError
-from data_gen.judge import Example, load_outputs, text_key
-from data_gen.store import read_records
+from data_gen import DataError, Example, load_outputs, read_records, text_key
 
 from . import db
 
@@ -156,7 +154,8 @@ def create_study(outputs: Sequence[str | Path], db_path: str | Path, *, sample: 
                              [(i, m.name, str(m.source)) for i, m in enumerate(models)])
             for t, key in enumerate(tasks):
                 ex = models[0].answers[key]
-                conn.execute("INSERT INTO tasks (id, instruction, input) VALUES (?, ?, ?)", (t, ex.instruction, ex.input))
+                conn.execute("INSERT INTO tasks (id, instruction, input) VALUES (?, ?, ?)",
+                             (t, ex.instruction, ex.input))
                 conn.executemany("INSERT INTO answers VALUES (?, ?, ?)",
                                  [(t, i, m.answers[key].output) for i, m in enumerate(models)])
             conn.executemany("INSERT INTO items (id, task_id, model_1, model_2) VALUES (?, ?, ?, ?)",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import re
 import sqlite3
+import ssl
+import subprocess
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,9 @@ from alpacare_jax.eval.human.results import study_results
 from alpacare_jax.eval.human.study import create_study
 from tests.eval.human.study_fixtures import (
     STYLES,
+    login_nonce,
     served,
+    sign_in,
     style_marker,
     tokens,
     write_outputs,
@@ -41,7 +45,7 @@ def study(tmp_path_factory):
 
 def _login(url: str, token: str) -> httpx.Client:
     client = httpx.Client(base_url=url, timeout=60)
-    assert client.get(f"/login/{token}").status_code == 303
+    assert sign_in(client, token).status_code == 303
     return client
 
 
@@ -67,7 +71,8 @@ def test_a_rater_gets_403_on_other_raters_data_and_the_admin_pages(study):
     mine = _assignments(db_path, 0)[0]
     csrf = _csrf(me.get(f"/rate/{mine}").text)
     assert me.get(f"/rate/{theirs}").status_code == 403
-    assert me.post(f"/rate/{theirs}", data={"correctness": "A", "helpfulness": "A", "csrf_token": csrf}).status_code == 403
+    vote = {"correctness": "A", "helpfulness": "A", "csrf_token": csrf}
+    assert me.post(f"/rate/{theirs}", data=vote).status_code == 403
     for page in ("/admin", "/admin/results.json", "/admin/votes.csv", "/admin/chart.png"):
         assert me.get(page).status_code == 403, page
         assert other.get(page).status_code == 403, page
@@ -76,9 +81,66 @@ def test_a_rater_gets_403_on_other_raters_data_and_the_admin_pages(study):
         assert anonymous.get(page).status_code == 403, page
     assert anonymous.get("/login/not-a-token").status_code == 403
     assert anonymous.get(f"/login/{tok.raters[0]}x").status_code == 403
+    nonce = login_nonce(anonymous.get(f"/login/{tok.raters[0]}").text)
+    assert anonymous.post("/login", data={"token": "not-a-token", "login_nonce": nonce}).status_code == 403
     admin = _login(url, tok.admin)
     assert admin.get("/admin").status_code == 200 and admin.get("/rate").status_code == 403
     assert _votes(db_path) == before
+
+
+def _set_cookies(response: httpx.Response) -> dict[str, str]:
+    """The response's Set-Cookie headers by cookie name, lower-cased."""
+    return {h.split("=", 1)[0]: h.lower() for h in response.headers.get_list("set-cookie")}
+
+
+def test_signing_in_takes_the_invite_pages_post_and_cookies_are_httponly_samesite(study):
+    url, _, tok = study
+    victim, attacker = httpx.Client(base_url=url), httpx.Client(base_url=url)
+    page = victim.get(f"/login/{tok.raters[0]}")
+    assert page.status_code == 200 and "study_session" not in _set_cookies(page)  # opening the link signs no one in
+    assert victim.get("/rate").status_code == 403
+    nonce_cookie = _set_cookies(page)["study_login"]
+    assert "httponly" in nonce_cookie and "samesite=strict" in nonce_cookie and "secure" not in nonce_cookie
+
+    # Login CSRF: another site makes the victim's browser post the attacker's invite token. It cannot read the
+    # victim's nonce, and its own page's nonce does not match the victim's cookie (or there is no cookie).
+    attacker_nonce = login_nonce(attacker.get(f"/login/{tok.raters[1]}").text)
+    for client, nonce in [(victim, attacker_nonce), (victim, ""), (httpx.Client(base_url=url), attacker_nonce)]:
+        forged = client.post("/login", data={"token": tok.raters[1], "login_nonce": nonce})
+        assert forged.status_code == 403 and "study_session" not in _set_cookies(forged)
+    assert victim.get("/rate").status_code == 403
+
+    signed_in = victim.post("/login", data={"token": tok.raters[0], "login_nonce": login_nonce(page.text)})
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/rate"
+    session = _set_cookies(signed_in)["study_session"]
+    assert "httponly" in session and "samesite=lax" in session and "path=/" in session and "secure" not in session
+    assert "max-age=0" in _set_cookies(signed_in)["study_login"]  # the nonce is spent
+    assert victim.get("/rate").status_code == 303
+
+    # Behind an HTTPS proxy (it says so in X-Forwarded-Proto) both cookies are Secure.
+    https = {"X-Forwarded-Proto": "https"}
+    page = httpx.get(f"{url}/login/{tok.raters[0]}", headers=https)
+    assert "secure" in _set_cookies(page)["study_login"]
+    nonce = login_nonce(page.text)
+    signed_in = httpx.post(f"{url}/login", data={"token": tok.raters[0], "login_nonce": nonce},
+                           headers={**https, "Cookie": f"study_login={nonce}"})
+    assert signed_in.status_code == 303 and "secure" in _set_cookies(signed_in)["study_session"]
+
+
+def test_served_over_https_the_session_cookie_is_secure(study, tmp_path):
+    _, db_path, tok = study
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    with served(db_path, "--ssl_certfile", str(cert), "--ssl_keyfile", str(key)) as https_url:
+        assert https_url.startswith("https://")
+        with httpx.Client(base_url=https_url, verify=ssl.create_default_context(cafile=cert)) as client:
+            signed_in = sign_in(client, tok.raters[1])
+            assert signed_in.status_code == 303
+            session = _set_cookies(signed_in)["study_session"]
+            assert "secure" in session and "httponly" in session and "samesite=lax" in session
+            assert client.get("/rate").status_code == 303  # the cookie comes back over HTTPS
 
 
 def test_forms_need_the_csrf_token_and_votes_are_validated(study):

@@ -64,7 +64,8 @@ def _vote_at_random(db_path: Path, seed: int) -> list[tuple]:
 
 
 def test_study_results_equal_an_independent_computation(tmp_path):
-    files = [write_outputs(tmp_path / f"{m}.json", m, 60, style=s) for m, s in zip(("alpacare-test", "baseline-test"), STYLES)]
+    files = [write_outputs(tmp_path / f"{m}.json", m, 60, style=s)
+             for m, s in zip(("alpacare-test", "baseline-test"), STYLES)]
     db_path = tmp_path / "study.sqlite"
     create_study(files, db_path, sample=60, seed=2, raters=4, overlap=3)
     _vote_at_random(db_path, seed=0)
@@ -97,7 +98,8 @@ def test_study_results_equal_an_independent_computation(tmp_path):
         assert agreement.percent_agreement == pytest.approx(np.mean(pairs_agree))
         assert len(agreement.pairs) == 6
         for pair in agreement.pairs:
-            shared = [(r[pair.rater_1], r[pair.rater_2]) for r in by_item.values() if pair.rater_1 in r and pair.rater_2 in r]
+            shared = [(r[pair.rater_1], r[pair.rater_2]) for r in by_item.values()
+                      if pair.rater_1 in r and pair.rater_2 in r]
             x, y = zip(*shared)
             assert pair.items == len(shared)
             assert pair.cohen_kappa == pytest.approx(cohen_kappa_score(x, y), abs=1e-12)
@@ -122,4 +124,4 @@ def test_results_command_writes_json_csv_and_the_chart(tmp_path, capsys):
     png = (out / "chart.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
     assert png == preference_chart(study_results(db_path).comparisons)  # the admin page serves the same chart
-    (artifacts_dir(tmp_path) / "human_eval_chart.png").write_bytes(png)
+    (artifacts_dir() / "human_eval_chart.png").write_bytes(png)

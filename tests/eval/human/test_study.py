@@ -64,7 +64,8 @@ def test_released_outputs_pair_by_content(alpacare_data, tmp_path):
 
 
 def test_ab_order_is_balanced_and_differs_between_raters(tmp_path):
-    files = [write_outputs(tmp_path / f"{m}.json", m, 101, style=s) for m, s in zip(("model-x", "model-y", "model-z"), STYLES)]
+    files = [write_outputs(tmp_path / f"{m}.json", m, 101, style=s)
+             for m, s in zip(("model-x", "model-y", "model-z"), STYLES)]
     db_path = tmp_path / "study.sqlite"
     create_study(files, db_path, sample=101, seed=3, raters=3)
     with sqlite3.connect(db_path) as conn:
@@ -76,7 +77,7 @@ def test_ab_order_is_balanced_and_differs_between_raters(tmp_path):
         mine = [r[2] for r in rows if r[0] == rater]
         assert abs(sum(mine) - len(mine) / 2) <= 1
     sides = defaultdict(set)
-    for rater, item, first_is_a, _ in rows:
+    for _, item, first_is_a, _ in rows:
         sides[item].add(first_is_a)
     assert sum(len(s) == 2 for s in sides.values()) > 100  # the order differs between raters on many items
     orders = [[r[1] for r in sorted((r for r in rows if r[0] == rater), key=lambda r: r[3])] for rater in range(3)]
@@ -84,7 +85,8 @@ def test_ab_order_is_balanced_and_differs_between_raters(tmp_path):
 
 
 def test_cli_create_prints_one_link_per_rater_and_the_admin(tmp_path):
-    files = [write_outputs(tmp_path / f"{m}.json", m, 12, style=s) for m, s in zip(("alpacare-test", "baseline-test"), STYLES)]
+    files = [write_outputs(tmp_path / f"{m}.json", m, 12, style=s)
+             for m, s in zip(("alpacare-test", "baseline-test"), STYLES)]
     db_path = tmp_path / "study.sqlite"
     run = subprocess.run([sys.executable, "-m", "alpacare_jax.eval.human", "create", "--outputs", *map(str, files),
                           "--sample", "10", "--seed", "0", "--raters", "3", "--overlap", "2", "--db", str(db_path),
@@ -126,8 +128,8 @@ def test_bad_input_is_one_line_naming_file_record_and_field(tmp_path, capsys):
 
     error = _cli_error(tmp_path, capsys, "--outputs", str(good), str(good))
     assert "good-model" in error
-    error = _cli_error(tmp_path, capsys, "--outputs", str(good), str(write_outputs(tmp_path / "o.json", "other", 5, style=STYLES[1])),
-                       "--sample", "6")
+    other = write_outputs(tmp_path / "o.json", "other", 5, style=STYLES[1])
+    error = _cli_error(tmp_path, capsys, "--outputs", str(good), str(other), "--sample", "6")
     assert "5 tasks in common" in error
 
 
