@@ -50,7 +50,7 @@ def run_ours(base: str, n: int, rpm: float, concurrency: int) -> float:
                                                timeout=30), progress=False)
     with tempfile.TemporaryDirectory() as d, JsonlStore(Path(d) / "out.jsonl") as store:
         t = time.perf_counter()
-        summary = run_jobs(jobs, store, lambda job, c, _: {"request_id": job.request_id, "output": c.content},
+        summary = run_jobs(jobs, store, lambda job, c: {"request_id": job.request_id, "output": c.content},
                            settings)
         elapsed = time.perf_counter() - t
         assert len(store) == n and summary.failed == 0, summary.line()

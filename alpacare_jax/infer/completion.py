@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from alpacare_jax.data.prompts import format_prompt
+from alpacare_jax.data.prompts import prompt_ids
 from alpacare_jax.data.tokenizer import Tokenizer
 from alpacare_jax.model import Llama, SamplingConfig, generate
 
@@ -26,11 +26,6 @@ class Completion:
     completion_tokens: int  # EOS included when the model emitted it
     finish_reason: str  # "stop": the model emitted EOS; "length": max_new_tokens was reached
     prompt_truncated: bool = False
-
-
-def instruction_prompt(tokenizer: Tokenizer, instruction: str, input_text: str | None = None) -> list[int]:
-    """Token ids of the exact training prompt: BOS + Alpaca template, the response to follow directly."""
-    return tokenizer.encode(format_prompt(instruction, input_text), bos=True)
 
 
 def fit_to_context(prompt: Sequence[int], max_new_tokens: int, context: int, *, truncate: bool) -> list[int]:
@@ -75,5 +70,5 @@ def complete(model: Llama, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]
 def answer(model: Llama, tokenizer: Tokenizer, instruction: str, input_text: str | None = None,
            sampling: SamplingConfig = SamplingConfig()) -> str:
     """The model's response to one instruction, as training taught it to answer (greedy by default)."""
-    [completion] = complete(model, tokenizer, [instruction_prompt(tokenizer, instruction, input_text)], sampling)
+    [completion] = complete(model, tokenizer, [prompt_ids(tokenizer, instruction, input_text)], sampling)
     return completion.text.strip()

@@ -20,19 +20,33 @@ import json
 import logging
 import os
 import sys
+import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from data_gen.errors import DataError
-from data_gen.store import JsonlStore, read_records, write_json_atomic
+import ml_collections
+from tqdm.auto import tqdm
+
+from alpacare_jax.data.pipeline import open_split
+from alpacare_jax.data.prompts import prompt_ids
+from alpacare_jax.infer.cli import (
+    DEFAULT_MAX_NEW_TOKENS,
+    add_model_flags,
+    add_sampling_flags,
+    sampling_from_args,
+    setup_logging,
+)
+from alpacare_jax.infer.completion import complete
+from alpacare_jax.infer.loading import LoadedModel, load_model
+from alpacare_jax.model import SamplingConfig
+from data_gen import DataError, JsonlStore, read_records, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 TEST_SETS = ("medinstruct_test", "icliniq")
 TFDS_NAME = "medinstruct"
-DEFAULT_MAX_NEW_TOKENS = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +71,6 @@ def _text(value: Any) -> str:
 
 def load_test_set(name: str, data_dir: str | None) -> list[Task]:
     """The rows of a built TFDS test set (`medinstruct_test` or `icliniq`), in release-file order."""
-    import ml_collections
-
-    from alpacare_jax.data.pipeline import open_split
-
     source = open_split(ml_collections.ConfigDict({"dataset": f"{TFDS_NAME}/{name}", "data_dir": data_dir or ""}),
                         "test")
     tasks = []
@@ -104,7 +114,7 @@ def load_tasks(dataset: str, *, data_dir: str | None = None, limit: int | None =
         if not tasks:  # an empty answer file would look like a finished run
             raise DataError(dataset, None, None, "holds no tasks")
     else:
-        raise FileNotFoundError(f"--dataset={dataset}: neither one of {TEST_SETS} nor an existing file")
+        raise DataError(dataset, None, None, f"neither one of {TEST_SETS} nor an existing file")
     return tasks[:limit] if limit is not None else tasks
 
 
@@ -121,7 +131,8 @@ class GenerationStats:
     def line(self) -> str:
         rate = self.answered / self.seconds if self.seconds else 0.0
         return (f"{self.answered} answered ({rate:.2f}/s), {self.already_done} already done, {self.total} total"
-                + (f"; {self.truncated_prompts} prompts truncated to fit the context" if self.truncated_prompts else ""))
+                + (f"; {self.truncated_prompts} prompts truncated to fit the context"
+                   if self.truncated_prompts else ""))
 
 
 def partial_path(out: Path) -> Path:
@@ -146,20 +157,14 @@ def answered_all(out: str | Path, tasks: Sequence[Task]) -> bool:
     return all(t.key in stored and _answers(stored[t.key], t) for t in tasks)
 
 
-def generate_outputs(loaded, tasks: Sequence[Task], out: str | Path, sampling, *, batch_size: int = 16,
-                     progress: bool = True) -> GenerationStats:
+def generate_outputs(loaded: LoadedModel, tasks: Sequence[Task], out: str | Path, sampling: SamplingConfig, *,
+                     batch_size: int = 16, progress: bool = True) -> GenerationStats:
     """Answers the `tasks` not yet stored for `out`, then writes `out` (a JSON list in task order).
 
-    `loaded` is a `loading.LoadedModel`. Batches are formed from prompts of similar length (less
+    Batches are formed from prompts of similar length (less
     padding); with sampling, each batch's seed is derived from `sampling.seed` and its first row's id,
     so it does not depend on which rows an interrupted run had finished.
     """
-    import time
-
-    from tqdm.auto import tqdm
-
-    from alpacare_jax.infer.completion import complete, instruction_prompt
-
     out = Path(out)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -176,7 +181,7 @@ def generate_outputs(loaded, tasks: Sequence[Task], out: str | Path, sampling, *
                                 "Choose another --out or delete it")
         pending = [t for t in tasks if t.key not in done]
         already = len(tasks) - len(pending)
-        prompts = {t.key: instruction_prompt(loaded.tokenizer, t.instruction, t.input) for t in pending}
+        prompts = {t.key: prompt_ids(loaded.tokenizer, t.instruction, t.input) for t in pending}
         pending.sort(key=lambda t: -len(prompts[t.key]))  # longest first: a too-large batch fails at once
         bar = tqdm(total=len(tasks), initial=already, desc=f"generate {loaded.name}", unit="row", disable=not progress)
         for begin in range(0, len(pending), batch_size):
@@ -203,37 +208,23 @@ def generate_outputs(loaded, tasks: Sequence[Task], out: str | Path, sampling, *
 
 # ---- command line ---------------------------------------------------------------------------------------
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags shared with `evaluate` and `serve`: which model, in which dtype."""
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: latest)")
-    parser.add_argument("--dtype", default=None,
-                        help="parameter and compute dtype, e.g. bfloat16 (default: as stored; HF dirs load as float32)")
+def answer_dataset(model: str | Path, dataset: str, out: str | Path, *, data_dir: str | None = None,
+                   limit: int | None = None, name: str | None = None, step: int | None = None,
+                   dtype: str | None = None, sampling: SamplingConfig | None = None, batch_size: int = 16,
+                   progress: bool = True) -> GenerationStats:
+    """What `alpacare-generate` does: `model`'s answers to `dataset` (see the module docstring) in `out`.
 
-
-def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
-    parser.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--top_k", type=int, default=0, help="0: no top-k filter")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def sampling_from_args(args: argparse.Namespace):
-    from alpacare_jax.model import SamplingConfig
-
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "httpx", "httpx2", "httpcore", "openai"):  # orbax logs each file; HTTP clients each request
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    The tasks are read and checked before the model is loaded, so bad input fails in seconds. Decoding is
+    greedy unless `sampling` says otherwise.
+    """
+    sampling = sampling or SamplingConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
+    tasks = load_tasks(dataset, data_dir=data_dir, limit=limit)
+    loaded = load_model(model, step=step, dtype=dtype, name=name)
+    return generate_outputs(loaded, tasks, out, sampling, batch_size=batch_size, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m alpacare_jax.infer.generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="alpacare-generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HF model directory or training workdir")
     parser.add_argument("--dataset", required=True, help=f"one of {', '.join(TEST_SETS)} (TFDS) or a JSON/JSONL file")
     parser.add_argument("--out", required=True, help="output JSON file")
@@ -246,20 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        sampling = sampling_from_args(args)
-        tasks = load_tasks(args.dataset, data_dir=args.data_dir, limit=args.limit)
-    except (DataError, FileNotFoundError, ValueError) as e:
+        stats = answer_dataset(args.model, args.dataset, args.out, data_dir=args.data_dir, limit=args.limit,
+                               name=args.name, step=args.step, dtype=args.dtype, sampling=sampling_from_args(args),
+                               batch_size=args.batch_size, progress=not args.no_progress)
+    except (DataError, FileNotFoundError, ValueError) as e:  # bad input (2), or a model that cannot load (1)
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    from alpacare_jax.infer.loading import load_model
-
-    try:
-        loaded = load_model(args.model, step=args.step, dtype=args.dtype, name=args.name)
-        stats = generate_outputs(loaded, tasks, args.out, sampling, batch_size=args.batch_size,
-                                 progress=not args.no_progress)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, DataError) else 1
     print(f"{stats.line()} -> {args.out}", flush=True)
     return 0
 

@@ -33,16 +33,20 @@ official `openai` client (`base_url="http://HOST:PORT/v1"`) and other OpenAI too
   connection), prompts over `--max_prompt_chars` characters (before tokenizing) or over the context,
   `max_tokens` over the limit; malformed HTTP (a bad `Content-Length`) gets a 400.
 
-Decoding runs on one worker thread, so JAX runs one program at a time: requests that arrive while the
-model is busy wait, and the next batch decodes up to `--max_batch` of them together, whatever their
-sampling settings (per-row traced values: no new compilation for a new temperature, seed or length);
-batches are padded to `--max_batch` rows, so how many requests wait compiles nothing new either.
+Decoding is continuous batching on one worker thread (JAX runs one program at a time): `--max_batch`
+slots over one preallocated KV cache; between two chunks of `--chunk_tokens` steps, arrived requests are
+prefilled into free slots while the others keep decoding, and a request that finishes, hits a stop
+string or loses its client frees its slot for the next chunk. Each slot has its own sampling settings,
+seed and `max_tokens` (per-row traced values: no new compilation for a new temperature, seed or length),
+and every program (each prefill length bucket, each attention window) is compiled at start-up, so neither
+new settings nor how many requests are in flight compile anything while serving.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import hmac
 import json
@@ -72,9 +76,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from alpacare_jax.infer.completion import ContextError, fit_to_context, instruction_prompt
+from alpacare_jax.data.prompts import prompt_ids
+from alpacare_jax.infer.completion import ContextError, fit_to_context
 from alpacare_jax.model import SamplingConfig
-from alpacare_jax.model.decode import decode_chunks
+from alpacare_jax.model.decode import DecodeSlots, SlotRequest
 from alpacare_jax.model.score import MAX_TOP_LOGPROBS, TokenScores, score_tokens
 
 log = logging.getLogger(__name__)
@@ -145,15 +150,24 @@ class Job:
 
 
 class Engine:
-    """Owns the model; one worker thread decodes queued jobs in batches, so JAX runs one program at a time."""
+    """Owns the model; one worker thread runs continuous batching over `max_batch` decode slots.
 
-    def __init__(self, loaded, *, max_batch: int = 8, chunk_tokens: int = 8):
+    Between two chunks of `chunk_tokens` decoding steps, waiting requests are prefilled into the free
+    slots (as many as fit one prefill of `prefill_tokens`) while the busy slots keep their place; a
+    slot whose request finished, hit a stop string or lost its client is free for the next chunk. JAX
+    runs one program at a time, on this thread. Every program is compiled when the engine starts.
+    """
+
+    def __init__(self, loaded, *, max_batch: int = 8, chunk_tokens: int = 8, prefill_tokens: int = 512):
         self.loaded = loaded
-        self.max_batch = max_batch
-        self.chunk_tokens = chunk_tokens
         config = loaded.model.config
         self.eos_ids = tuple(dict.fromkeys((*config.eos_token_ids, loaded.tokenizer.eos_id)))
+        self.slots = DecodeSlots(loaded.model, num_slots=max_batch, max_length=self.context, eos_ids=self.eos_ids,
+                                 chunk_tokens=chunk_tokens, prefill_tokens=prefill_tokens)
+        self.slots.warm_up()
         self._queue: queue.Queue[Job] = queue.Queue()
+        self._waiting: collections.deque[Job] = collections.deque()  # taken from the queue, not yet in a slot
+        self._busy: dict[int, Job] = {}  # slot -> the job decoding there
         self._thread = threading.Thread(target=self._run, name="decode", daemon=True)
         self._thread.start()
 
@@ -169,66 +183,85 @@ class Engine:
         self._queue.put(job)
 
     def run_sync(self, prompt: list[int], sampling: SamplingConfig) -> list[int]:
-        """The tokens (EOS included) of one job, waiting for them: the start-up warm-up."""
+        """The tokens (EOS included) of one job, waiting for them: the start-up check."""
         done = threading.Event()
         job = Job(prompt, sampling, emit=lambda event: isinstance(event, (Finished, Failed)) and done.set())
         self.submit(job)
         done.wait()
         return job.generated
 
-    def _next_batch(self) -> list[Job]:
-        batch = [self._queue.get()]
-        while len(batch) < self.max_batch:  # everything that arrived meanwhile
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return [job for job in batch if not job.cancelled]
-
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
-            if not batch:
-                continue
+            inserting: list[Job] = []
             try:
-                self._decode(batch)
-            except Exception as e:  # noqa: BLE001 (the waiting requests report it; the worker lives on)
-                log.exception("decoding a batch of %d failed", len(batch))
-                for job in batch:
+                inserting = self._admit()
+                self._advance()
+            except Exception as e:  # noqa: BLE001 (the requests concerned report it; the worker lives on)
+                log.exception("decoding failed")
+                for job in [*inserting, *self._busy.values()]:
                     job.emit(Failed(f"{type(e).__name__}: {e}"))
+                self._busy.clear()
+                self.slots.reset()  # a failed program may have consumed the (donated) state
 
-    def _finish(self, job: Job, scores: TokenScores | None = None) -> None:
+    def _admit(self) -> list[Job]:
+        """Moves arrived jobs into free slots (waiting for one when nothing is decoding); returns those
+        being inserted."""
+        if not self._busy and not self._waiting:
+            self._waiting.append(self._queue.get())
+        while True:
+            try:
+                self._waiting.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        free, jobs = self.slots.free_slots(), []
+        while self._waiting and len(jobs) < len(free):
+            job = self._waiting[0]
+            if job.cancelled:  # its client left while it waited
+                self._waiting.popleft()
+            elif job.sampling is None:  # nothing to generate: an `echo` request scoring its prompt
+                self._finish(self._waiting.popleft())
+            elif self.slots.fits([*(j.prompt for j in jobs), job.prompt]):
+                jobs.append(self._waiting.popleft())
+            else:
+                break
+        if not jobs:
+            return []
+        requests = [SlotRequest(slot, job.prompt, job.sampling) for slot, job in zip(free, jobs)]
+        first = self.slots.insert(requests)
+        for request, job, token in zip(requests, jobs, first):
+            self._busy[request.slot] = job
+            self._deliver(request.slot, [token], self.slots.done[request.slot])
+        return jobs
+
+    def _advance(self) -> None:
+        """One chunk of steps for the busy slots, after ending those whose request was cancelled."""
+        cancelled = [slot for slot, job in self._busy.items() if job.cancelled]
+        if cancelled:
+            self.slots.stop(cancelled)
+            for slot in cancelled:
+                self._finish(self._busy.pop(slot))
+        if not self._busy:
+            return
+        chunk = self.slots.advance()
+        for slot in list(self._busy):
+            self._deliver(slot, chunk.tokens[slot], chunk.done[slot])
+
+    def _deliver(self, slot: int, tokens: list[int], done: bool) -> None:
+        job = self._busy[slot]
+        job.generated.extend(tokens)
+        text = [t for t in tokens if t not in self.eos_ids]
+        if text:
+            job.emit(Tokens(text))
+        if done:  # reported at once, and the slot takes the next request
+            self._finish(self._busy.pop(slot))
+
+    def _finish(self, job: Job) -> None:
+        scores = None
+        if job.logprobs:  # one at a time: scoring holds [length, vocab] log-probabilities per row
+            text = [t for t in job.generated if t not in self.eos_ids]
+            scores = score_tokens(self.loaded.model, [job.prompt + text])[0]
         stopped = bool(job.generated) and job.generated[-1] in self.eos_ids
         job.emit(Finished("stop" if stopped else "length", len(job.generated), scores))
-
-    def _decode(self, batch: list[Job]) -> None:
-        decoding = [job for job in batch if job.sampling is not None]
-        finished = [False] * len(decoding)
-        if decoding:
-            chunks = decode_chunks(self.loaded.model, [j.prompt for j in decoding], [j.sampling for j in decoding],
-                                   eos_ids=self.eos_ids, chunk_tokens=self.chunk_tokens,
-                                   stop_rows=lambda: [j.cancelled for j in decoding],
-                                   # Always max_batch rows: a batch of a new size never compiles mid-serving.
-                                   min_batch=self.max_batch)
-            for chunk in chunks:
-                for row, (job, tokens, done) in enumerate(zip(decoding, chunk.tokens, chunk.done)):
-                    if finished[row]:
-                        continue
-                    job.generated.extend(tokens)
-                    text = [t for t in tokens if t not in self.eos_ids]
-                    if text:
-                        job.emit(Tokens(text))
-                    if done and not job.logprobs:  # reported at once, not when the whole batch is done
-                        self._finish(job)
-                        finished[row] = True
-        unfinished = [job for row, job in enumerate(decoding) if not finished[row]]  # stopped rows, logprobs
-        for job in batch:  # one at a time: scoring holds [length, vocab] log-probabilities per row
-            if job.logprobs:
-                sequence = job.prompt + [t for t in job.generated if t not in self.eos_ids]
-                self._finish(job, score_tokens(self.loaded.model, [sequence])[0])
-        for job in [*unfinished, *(j for j in batch if j.sampling is None)]:
-            if not job.logprobs:
-                self._finish(job)
 
 
 def _event_queue() -> tuple[asyncio.Queue, Callable[[Event], None]]:
@@ -480,7 +513,7 @@ class Server:
                 if delta:
                     yield delta
         finally:
-            job.cancelled = True  # a client gone mid-stream frees its row at the next chunk
+            job.cancelled = True  # a client gone mid-stream frees its slot at the next chunk
 
     def _start(self, prepared: _Prepared, *, strip: bool, logprobs: bool = False) -> _Answer:
         events, emit = _event_queue()
@@ -500,7 +533,7 @@ class Server:
             raise RequestError("log-probabilities are served by /v1/completions (logprobs, echo)", param="logprobs")
         instruction = chat_instruction(request.messages)
         self._check_text(instruction, "messages")
-        prompt = instruction_prompt(self.tokenizer, instruction)
+        prompt = prompt_ids(self.tokenizer, instruction)
         requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         answer = self._start(self._prepare(request, prompt, requested), strip=True)
         head = {**self._head("chatcmpl"), "object": "chat.completion.chunk" if request.stream else "chat.completion"}
@@ -715,9 +748,17 @@ def create_app(server: Server, *, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if isinstance(error.__cause__, RecursionError):  # FastAPI's "error parsing the body", explained
+            return await too_deep(request, error.__cause__)
         message = f"no route for {request.method} {request.url.path}" if error.status_code in (404, 405) \
             else str(error.detail)
         return _error_response(RequestError(message, status=error.status_code))
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_: Request, error: RecursionError) -> JSONResponse:
+        # Only a request's own nesting recurses this deep (json's parser, pydantic's validation): the
+        # client's error, not the server's.
+        return _error_response(RequestError("the request body's JSON is nested too deeply", code="invalid_json"))
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, error: Exception) -> JSONResponse:
@@ -889,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="longer prompts get 400 before tokenizing (default: 32 per context position)")
     parser.add_argument("--read_timeout", type=float, default=defaults.read_timeout,
                         help="seconds a client has to send a request head, then its body (else 408)")
-    from alpacare_jax.infer.generate import add_model_flags, setup_logging
+    from alpacare_jax.infer.cli import add_model_flags, setup_logging
 
     add_model_flags(parser)
     args = parser.parse_args(argv)
@@ -905,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_body_bytes=args.max_body_bytes, max_prompt_chars=args.max_prompt_chars,
                     read_timeout=args.read_timeout)
     engine = Engine(loaded, max_batch=args.max_batch, chunk_tokens=args.chunk_tokens)
-    engine.run_sync(instruction_prompt(loaded.tokenizer, "Hello"), SamplingConfig(max_new_tokens=2))  # compile now
+    engine.run_sync(prompt_ids(loaded.tokenizer, "Hello"), SamplingConfig(max_new_tokens=2))  # compile now
     api_key = os.environ.get(API_KEY_ENV) or None
     app = create_app(Server(engine, limits), api_key=api_key)
     # Bound and listening before the line is printed: a client that reads it can connect at once.

@@ -1,13 +1,14 @@
-"""Attention backends behind one function.
+"""Attention backends behind one function, and the attention of decoding steps over a KV cache.
 
-`xla` is the reference: einsums with an explicit dense mask that handles causality, packed segments
-and KV-cache validity at once, so it runs everywhere and defines the numerics the others must match
-(tests hold it to a textbook softmax attention; its backward is written by hand to save memory
-traffic, and causal self-attention skips the masked upper triangle block by block). `cudnn` hands the same computation to `jax.nn.dot_product_attention` (flash attention on NVIDIA
-GPUs). `splash` is Pallas splash attention for TPU: it never materialises the [L, S] mask but takes
-causality as a static block-sparse mask plus the segment ids, so it needs the mask's parts rather than
-the dense mask. That is why backends receive an `AttentionMask` (the parts) and the dense form is
-computed only by the backends that want it.
+`xla` is the reference: einsums with an explicit dense mask that handles causality and packed segments
+at once, so it runs everywhere and defines the numerics the others must match (tests hold it to a
+textbook softmax attention; its backward is written by hand to save memory traffic, and causal
+self-attention skips the masked upper triangle block by block). `cudnn` hands the same computation to
+`jax.nn.dot_product_attention` (flash attention on NVIDIA GPUs). `splash` is Pallas splash attention for
+TPU: it never materialises the [L, S] mask but takes causality as a static block-sparse mask plus the
+segment ids, so it needs the mask's parts rather than the dense mask. That is why backends receive an
+`AttentionMask` (the parts) and the dense form is computed only by the backends that want it.
+`cached_attention` serves the tokens that continue a cached sequence (decoding steps), on any backend.
 Grouped-query attention is computed by grouping query heads per KV head, never by repeating K/V.
 """
 
@@ -42,7 +43,7 @@ class AttentionMask:
     self_attention: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def causal(cls, segment_ids: jax.Array) -> "AttentionMask":
+    def causal(cls, segment_ids: jax.Array) -> AttentionMask:
         """Causal self-attention within segments over one [batch, length] buffer (no cache)."""
         batch, length = segment_ids.shape
         index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -122,6 +123,28 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask)
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, *,
+                     heads_major: bool = True) -> jax.Array:
+    """New queries q [B, L, H, D] over a KV cache k, v [B, K, W, D] (or [B, W, K, D] if not `heads_major`,
+    see `KVCache`): the query at cache slot `q_slots[b, l]` sees the slots up to its own (a row's sequence
+    fills its slots from 0, so causality is all the masking there is; slots past a row's length are never
+    seen, whatever they hold).
+
+    Decoding's attention, whatever `attention_impl` says: a few queries against a long cache is a
+    matrix-vector product, which none of the fused kernels serves better. Forward only: nothing is
+    differentiated through a cache.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads, window = (k.shape[1], k.shape[2]) if heads_major else (k.shape[2], k.shape[1])
+    cache = "bksd" if heads_major else "bskd"
+    q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = jnp.einsum(f"blkgd,{cache}->bkgls", q, k, preferred_element_type=jnp.float32) * (head_dim ** -0.5)
+    visible = jnp.arange(window, dtype=jnp.int32)[None, None, :] <= q_slots[:, :, None]  # [B, L, W]
+    probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, _MASKED), axis=-1)
+    out = jnp.einsum(f"bkgls,{cache}->blkgd", probs.astype(v.dtype), v)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:
     return jax.nn.dot_product_attention(q, k, v, mask=mask.dense()[:, 0], implementation="cudnn")
 
@@ -181,10 +204,9 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMa
     upper triangle but pay more per-tile overhead); lengths it does not divide get the largest multiple of
     128 below it that does (e.g. 384 for 1152 tokens).
 
-    Only for causal self-attention over a multiple of 128 tokens (training, cache-less prefill). With a
-    KV cache the queries are a window into a longer buffer, which the static causal mask cannot
-    express; those calls (decoding steps, where attention is a tiny matrix-vector product anyway) and
-    odd lengths (the end-of-training sample) use the XLA reference instead.
+    Only for causal self-attention over a multiple of 128 tokens (training, and the prefill of prompts
+    before decoding); odd lengths (the end-of-training sample) use the XLA reference instead. Decoding
+    steps, whose few queries continue a cached sequence, go to `cached_attention`.
     Under an active mesh the kernel runs per shard: batch and heads stay split as the logical rules say,
     the sequence and head_dim are gathered whole (the kernel needs full rows).
     """

@@ -8,6 +8,7 @@ one frozen dataclass means a checkpoint's `config.json` maps to exactly one `Lla
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 AttentionImpl = Literal["xla", "cudnn", "splash"]  # reference, cuDNN flash (GPU), Pallas splash (TPU)
@@ -25,6 +26,40 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+# The projections LoRA can adapt, by the short names configs use (HF: q_proj, ..., down_proj).
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on some projections (`alpacare_jax.model.lora`), in PEFT's conventions.
+
+    Part of the model's configuration because the adapters are parameters of the model: a config with
+    `lora` builds a `Llama` that holds them, and a checkpoint's model description says which it holds.
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0  # on each adapter's input, training only
+    rslora: bool = False  # scale alpha / sqrt(rank) (rank-stabilised LoRA) instead of alpha / rank
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"lora targets {list(self.targets)}: choose a non-empty subset of {list(LORA_TARGETS)}")
+        if self.rank < 1 or self.alpha <= 0:
+            raise ValueError(f"lora rank ({self.rank}) must be >= 1 and alpha ({self.alpha}) > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora dropout ({self.dropout}) must be in [0, 1)")
+
+    @property
+    def scale(self) -> float:
+        """What the adapter's product is multiplied by (PEFT's `scaling`)."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +84,7 @@ class LlamaConfig:
     dtype: str = "float32"
     remat_policy: RematPolicy = "none"
     attention_impl: AttentionImpl = "xla"
+    lora: LoraConfig | None = None  # adapters on top of the (then frozen) weights; None: a plain model
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -64,10 +100,12 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoraConfig(**self.lora))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
-    def replace(self, **changes: Any) -> "LlamaConfig":
+    def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -101,7 +139,7 @@ class LlamaConfig:
     # ---- presets -------------------------------------------------------------------------------------
 
     @classmethod
-    def tiny(cls, **overrides: Any) -> "LlamaConfig":
+    def tiny(cls, **overrides: Any) -> LlamaConfig:
         """A few-hundred-thousand-parameter model for tests: GQA on, every code path exercised."""
         base = dict(
             vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -110,7 +148,7 @@ class LlamaConfig:
         return cls(**{**base, **overrides})
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
         try:
             base = PRESETS[name]
         except KeyError:

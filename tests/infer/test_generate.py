@@ -46,7 +46,8 @@ def test_outputs_follow_the_test_set_and_the_contract(workdir_outputs, test_sets
     assert [r["id"] for r in workdir_outputs] == [t.id for t in rows]
     for record, task in zip(workdir_outputs, rows):
         assert set(record) == {"id", "instruction", "input", "output", "generator"}
-        assert (record["instruction"], record["input"], record["generator"]) == (task.instruction, task.input, MODEL_NAME)
+        expected = (task.instruction, task.input, MODEL_NAME)
+        assert (record["instruction"], record["input"], record["generator"]) == expected
         assert record["output"]  # the barely trained model never stops early: every answer has text
 
 
@@ -118,5 +119,6 @@ def test_bad_task_files_name_the_file_record_and_field(tmp_path):
     ok.write_text('{"instruction": "a", "input": "<noinput>"}\n{"instruction": "b", "id": "x7"}\n')
     assert [(t.id, t.input) for t in generate.load_task_file(ok)] == [(0, "<noinput>"), ("x7", "")]
     # The command line reports it (exit 2) before loading any model.
-    assert generate.main(["--model=none", f"--dataset={tmp_path / 'missing.jsonl'}", f"--out={tmp_path / 'o.json'}"]) == 2
+    args = ["--model=none", f"--dataset={tmp_path / 'missing.jsonl'}", f"--out={tmp_path / 'o.json'}"]
+    assert generate.main(args) == 2
     assert generate.main(["--model=none", "--dataset=no_such_set", f"--out={tmp_path / 'o.json'}"]) == 2

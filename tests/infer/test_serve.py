@@ -60,9 +60,9 @@ def serve(model_dir, log_path, *flags: str):
     """`python -m alpacare_jax.infer.serve` on a free port, once it says it is serving; killed afterwards."""
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "alpacare_jax.infer.serve", f"--model={model_dir}", f"--name={MODEL_NAME}", "--port=0",
-             *flags], env={**subprocess_env(1), API_KEY_ENV: API_KEY, "JAX_LOG_COMPILES": "1"}, cwd=REPO_ROOT,
-            stdout=log_file, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "alpacare_jax.infer.serve", f"--model={model_dir}", f"--name={MODEL_NAME}",
+             "--port=0", *flags], env={**subprocess_env(1), API_KEY_ENV: API_KEY, "JAX_LOG_COMPILES": "1"},
+            cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while not (match := re.search(r"^serving \S+ at (\S+)$", log_path.read_text(), re.M)):
@@ -178,7 +178,7 @@ def test_openai_client_chat_and_completions(server):
     cut = client.completions.create(model=MODEL_NAME, prompt=format_prompt(INSTRUCTION), max_tokens=12, stop=[stop])
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == raw[: raw.find(stop)]
 
-    # Concurrent requests are decoded in batches and get what each would get alone.
+    # Concurrent requests are decoded side by side and get what each would get alone.
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda n: client.chat.completions.create(
             model=MODEL_NAME, max_tokens=12 - n, messages=[{"role": "user", "content": INSTRUCTION}]
@@ -271,6 +271,61 @@ def test_streaming_sends_tokens_as_they_are_decoded(wider_server):
 
 @GROUP
 @pytest.mark.slow
+def test_a_client_that_leaves_frees_its_slot(wider_server):
+    """Every slot (8) taken by a long streamed answer whose client reads one chunk and leaves: a new
+    request is answered at once, not after those answers would have been decoded."""
+    client = wider_server.client()
+    short = "Iron deficiency anemia causes"
+
+    def one(max_tokens):
+        start = time.monotonic()
+        client.completions.create(model=MODEL_NAME, prompt=short, max_tokens=max_tokens)
+        return time.monotonic() - start
+
+    one(8)
+    long_answer = one(200)
+    streams = [client.completions.create(model=MODEL_NAME, prompt=short, max_tokens=200, stream=True)
+               for _ in range(8)]
+    for stream in streams:
+        next(iter(stream))
+        stream.close()
+    served_in = one(8)
+    print(f"a 200-token answer takes {long_answer:.2f} s; with 8 clients gone, a new request took {served_in:.2f} s")
+    assert served_in < long_answer / 2, (served_in, long_answer)
+
+
+@GROUP
+@pytest.mark.slow
+def test_concurrent_greedy_requests_return_what_they_return_alone(server):
+    """Continuous batching: 64 greedy requests of different prompt lengths and max_tokens, sent at once to
+    8 slots (so each joins while others decode, in whichever slot frees up), each get exactly their answer
+    sent alone."""
+    client = server.client()
+    rng = np.random.default_rng(7)
+    words = INSTRUCTION.split()
+    requests = [(" ".join(rng.choice(words, int(rng.integers(2, 25)))), int(rng.integers(1, 41))) for _ in range(64)]
+
+    def ask(request):
+        prompt, max_tokens = request
+        answer = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens)
+        return answer.choices[0].text, answer.usage.completion_tokens
+
+    alone = [ask(request) for request in requests]
+    compilations = server.compilations()
+    with ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(ask, requests))
+    assert together == alone
+    assert [tokens for _, tokens in alone] == [max_tokens for _, max_tokens in requests]
+    assert server.compilations() == compilations  # however many requests are in flight
+    # A temperature too small to divide by decodes greedily (was: logits overflowed to inf, NaN probabilities).
+    for temperature in (1e-40, 5e-324):
+        tiny = client.completions.create(model=MODEL_NAME, prompt=requests[0][0], max_tokens=requests[0][1],
+                                         temperature=temperature, seed=1)
+        assert tiny.choices[0].text == alone[0][0]
+
+
+@GROUP
+@pytest.mark.slow
 def test_echo_and_logprobs_equal_transformers(server, trained):  # noqa: F811
     """Prompt and completion token log-probabilities (and the top alternatives) equal transformers'
     log-softmax on the exported model, in float32."""
@@ -357,6 +412,8 @@ def test_bad_requests_get_400_not_500_garbage_or_a_hang(server):
         "Content-Length -1": post("/completions", completion_body(), length="-1"),
         "not JSON": post("/completions", b"{"),
         "token id out of range": post("/completions", completion_body(prompt=[1, VOCAB])),
+        # Python's json parser gives up past ~1000 levels (RecursionError): was a 500 with its text.
+        "deeply nested": post("/completions", b'{"prompt": ' + b"[" * 20000 + b"]" * 20000 + b"}"),
     }
     for name, data in cases.items():
         # A bad head is sent before its body: a server refusing it may close before reading the body, and
@@ -365,6 +422,7 @@ def test_bad_requests_get_400_not_500_garbage_or_a_hang(server):
         code, body, seconds = raw_request(server, data, pause_after=head_end(data) if bad_head else None, pause=5)
         assert code == 400 and seconds < 5, (name, code, body)
         assert set(body["error"]) == {"message", "type", "param", "code"}, (name, body)
+    assert "nested too deeply" in raw_request(server, cases["deeply nested"])[1]["error"]["message"]
     # A body shorter than declared: 408 once the read timeout passes, the connection closed.
     code, body, seconds = raw_request(server, post("/completions", b'{"prompt": "a"', length="100"))
     assert code == 408 and READ_TIMEOUT <= seconds < READ_TIMEOUT + 3, (code, body, seconds)

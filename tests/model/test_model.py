@@ -70,7 +70,7 @@ def test_kv_cache_prefill_then_steps_equals_full_forward():
         logits, cache = model(ids[:, t:t + 1], cache=cache)
         chunks.append(logits)
     np.testing.assert_allclose(jnp.concatenate(chunks, axis=1), full, atol=1e-5)
-    assert int(cache.index) == 11
+    assert cache.lengths.tolist() == [11, 11]
 
 
 def test_bf16_compute_keeps_fp32_params_and_tracks_fp32_logits():
