@@ -18,11 +18,11 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
 from flax import nnx
-import flax.linen as nn
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -42,6 +42,7 @@ DEFAULT_RULES: LogicalRules = (
     ("vocab", "tensor"),
     ("layers", None),
     ("classes", None),  # the scoring head's output (one score per sequence): too small to split
+    ("lora_rank", None),  # LoRA adapters' low-rank axis (alpacare_jax.model.lora): a few dozen entries
 )
 
 
@@ -59,7 +60,7 @@ class MeshConfig:
     dcn_data: int = 1
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "MeshConfig":
+    def from_config(cls, cfg: Any) -> MeshConfig:
         return cls(**{f.name: int(cfg[f.name]) for f in dataclasses.fields(cls) if f.name in cfg})
 
 
@@ -105,7 +106,8 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: LogicalRules = DE
     return nn.logical_to_mesh_axes(tuple(names), rules)
 
 
-def logical_sharding(mesh: Mesh, names: Sequence[str | None] | None, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
+def logical_sharding(mesh: Mesh, names: Sequence[str | None] | None,
+                     rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, rules))
 
 

@@ -110,11 +110,11 @@ def alpaca_preprocess_tokens_per_second(records, tokenizer_dir: Path, max_length
 
 def main() -> None:
     args = parse_args()
+    import tensorflow_datasets as tfds
+
     from alpacare_jax.data import SAMPLE_JSON, pipeline
     from alpacare_jax.data.build import build_dataset
     from alpacare_jax.data.tokenizer import train_tokenizer
-
-    import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,7 +155,8 @@ def main() -> None:
           f"{len(all_cores)} cores for the train step")
     print(f"pipeline (1 core):        {pipe_rows:12,.0f} row tokens/s  {real / elapsed:12,.0f} non-pad tokens/s "
           f"({batches / elapsed:,.1f} batches/s, fill {real / (batches * row_tokens):.0%})")
-    print(f"peer: AlpaCare preprocess: {'':>12}                 {peer:12,.0f} non-pad tokens/s (no packing, no batching)")
+    print(f"peer: AlpaCare preprocess: {'':>12}                 {peer:12,.0f} non-pad tokens/s "
+          "(no packing, no batching)")
     print(f"train step (consumer):    {train_rows:12,.0f} row tokens/s  ({step_s * 1e3:,.1f} ms/step)")
     print(f"ratio pipeline / consumer: {pipe_rows / train_rows:,.1f}x (target >= 20x)")
     print(f"ratio pipeline / AlpaCare preprocess (non-pad tokens): {real / elapsed / peer:,.1f}x")

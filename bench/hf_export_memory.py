@@ -58,7 +58,6 @@ def rss() -> int:
 
 def phase_ours_export(args) -> dict:
     import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     from alpacare_jax import hf
@@ -78,7 +77,6 @@ def phase_ours_export(args) -> dict:
 def phase_ours_import(args) -> dict:
     import jax
     import jax.numpy as jnp
-
     from flax import nnx
 
     from alpacare_jax import hf
@@ -166,7 +164,8 @@ def main():
         print(f"{phase:22s} {above / gib:13.2f} GiB {minus_model / gib:8.2f} GiB "
               f"{minus_model / largest:15.2f}x {minus_model / total:12.2f}x")
     ours = results["ours_import"]
-    print(f"ours_import breakdown: steady-state runtime overhead {(ours['final'] - ours['base'] - ours['model_bytes']) / gib:.2f} GiB, "
+    steady = ours["final"] - ours["base"] - ours["model_bytes"]
+    print(f"ours_import breakdown: steady-state runtime overhead {steady / gib:.2f} GiB, "
           f"transient peak above steady state {(ours['peak'] - ours['final']) / gib:.2f} GiB "
           f"({(ours['peak'] - ours['final']) / largest:.2f}x largest shard)")
     for what in ("import", "export"):

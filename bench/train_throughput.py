@@ -42,7 +42,9 @@ def jax_step_times(model_config, batch_size: int, seq: int, steps: int) -> list[
     import numpy as np
 
     from alpacare_jax import sharding
-    from alpacare_jax.train import optimizer, state as state_lib, step as step_lib
+    from alpacare_jax.train import optimizer
+    from alpacare_jax.train import state as state_lib
+    from alpacare_jax.train import step as step_lib
     from alpacare_jax.train.config import base_config
 
     opt = base_config().optimizer

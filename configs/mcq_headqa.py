@@ -5,9 +5,11 @@
     # with the contexts `data_gen contexts` wrote for each split
     python -m alpacare_jax.train --config=configs/mcq_headqa.py --workdir=runs/headqa_ctx_seed0 \
         --config.multiple_choice.train_contexts_file=data/headqa/train_contexts.jsonl \
-        --config.multiple_choice.eval_contexts_file=data/headqa/dev_contexts.jsonl
+        --config.multiple_choice.eval_contexts_file=data/headqa/dev_contexts.jsonl \
+        --config.multiple_choice.test_contexts_file=data/headqa/test_contexts.jsonl
     # the paper's seeds: --config.seed=0|1|2; few-shot: --config.multiple_choice.train_size=100|200|500
     # with --config.multiple_choice.subset_seed=0|1|2 (the three random training subsets)
+    # the paper's whole table (every run, without and with context): python -m alpacare_jax.eval.context_study
 
 Each option is scored on (question, option + overall context + option context) by the LLaMA backbone
 with a one-score head on the last token; softmax over the options (5 slots; a 4-option question leaves
@@ -31,13 +33,16 @@ def get_config():
     c.model.dtype = "bfloat16"
     c.model.remat_policy = "nothing_saveable"
 
-    # Data: HEAD-QA's released English JSON files (HEAD_EN); contexts off (set both files for "with
-    # context").
+    # Data: HEAD-QA's released English JSON files (HEAD_EN); contexts off (set one CONTEXTS file per split
+    # for "with context"). The test split is evaluated beside dev: the paper reports test accuracy of the
+    # model selected on dev.
     c.multiple_choice.format = "headqa"
     c.multiple_choice.train_file = "data/headqa/train_HEAD_EN.json"
     c.multiple_choice.eval_file = "data/headqa/dev_HEAD_EN.json"
+    c.multiple_choice.test_file = "data/headqa/test_HEAD_EN.json"
     c.multiple_choice.train_contexts_file = ""
     c.multiple_choice.eval_contexts_file = ""
+    c.multiple_choice.test_contexts_file = ""
     c.multiple_choice.num_options = 5
     c.multiple_choice.train_size = 0  # every training question (few-shot: 100 / 200 / 500)
     c.multiple_choice.subset_seed = 0

@@ -9,6 +9,7 @@ the dev split), the contextual-prompting paper's recipe.
         --config.multiple_choice.eval_contexts_file=data/medmcqa/dev_contexts.jsonl
     # the paper's seeds: --config.seed=0|1|2; few-shot: --config.multiple_choice.train_size=100|200|500
     # with --config.multiple_choice.subset_seed=0|1|2 (the three random training subsets)
+    # the paper's whole table (every run, without and with context): python -m alpacare_jax.eval.context_study
 
 Each option is scored on (question, option + overall context + option context) by the LLaMA backbone
 with a one-score head on the last token; softmax over the 4 options, cross-entropy. The dev accuracy
@@ -32,12 +33,14 @@ def get_config():
     c.model.remat_policy = "nothing_saveable"
 
     # Data: MedMCQA's released train.json / dev.json (one object per line); contexts off (set both files
-    # for "with context").
+    # for "with context"). Its test answers are not released: the paper reports dev accuracy.
     c.multiple_choice.format = "medmcqa"
     c.multiple_choice.train_file = "data/medmcqa/train.json"
     c.multiple_choice.eval_file = "data/medmcqa/dev.json"
+    c.multiple_choice.test_file = ""
     c.multiple_choice.train_contexts_file = ""
     c.multiple_choice.eval_contexts_file = ""
+    c.multiple_choice.test_contexts_file = ""
     c.multiple_choice.num_options = 4
     c.multiple_choice.train_size = 10_000  # the paper's random 10k subset (few-shot: 100 / 200 / 500)
     c.multiple_choice.subset_seed = 0

@@ -16,6 +16,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# A local Cloud Storage emulator for the tests of gs:// paths (started on first use, once per session).
+from tests.storage.emulator import gcs_bucket, gcs_emulator  # noqa: E402, F401
+
 # The vocabulary of the tokenizer the `prepared` fixture trains: small, so tiny test models stay tiny.
 TEST_VOCAB = 512
 
@@ -34,18 +37,15 @@ def alpacare_data() -> Path:
 def prepared(tmp_path_factory) -> Path:
     """A directory with `tokenizer/` (a 512-piece sentencepiece model) and `tfds/` built from the bundled sample.
 
-    Built once per session by the trainer's own bootstrap (what the demo does on first run); the tests that
+    Built once per session by the demo's bootstrap (what the demo does on its first run); the tests that
     train point their configs at these files, so nothing is rebuilt per test.
     """
-    from etils import epath
-
+    from alpacare_jax.data import SAMPLE_JSON, bootstrap, pipeline
     from alpacare_jax.train.config import base_config
-    from alpacare_jax.train.loop import prepare_data, prepare_tokenizer
 
-    root = epath.Path(tmp_path_factory.mktemp("prepared"))
-    config = base_config()
-    config.bootstrap.source = "sample"
-    config.bootstrap.tokenizer_vocab_size = TEST_VOCAB
-    prepare_tokenizer(config, root)
-    prepare_data(config, root)
-    return Path(root)
+    root = tmp_path_factory.mktemp("prepared")
+    bootstrap.ensure_tokenizer(SAMPLE_JSON, root / "tokenizer", TEST_VOCAB)
+    data_config = pipeline.default_data_config()
+    data_config.data_dir = str(root / "tfds")
+    bootstrap.ensure_dataset(data_config, SAMPLE_JSON, base_config().bootstrap.validation_fraction)
+    return root

@@ -42,9 +42,9 @@ def _random_texts(n: int, seed: int = 0) -> list[str]:
 def test_tokenizer_json_encodes_and_decodes_like_sentencepiece(prepared):  # noqa: F811
     from tokenizers import Tokenizer as FastTokenizer
 
+    from alpacare_jax.data import SAMPLE_JSON
     from alpacare_jax.data.records import read_medinstruct_52k
     from alpacare_jax.data.tokenizer import load_tokenizer
-    from alpacare_jax.train.loop import SAMPLE_JSON
 
     directory = prepared / "tokenizer"  # written by the trainer's bootstrap, copied into every export
     sp = load_tokenizer(directory / "tokenizer.model")
@@ -79,7 +79,7 @@ _BARE_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYT
 _VENV_SCRIPT = """
 import importlib.util, json, sys
 import torch, transformers
-missing = [m for m in ("google.protobuf", "sentencepiece", "alpacare_jax") if importlib.util.find_spec(m.split(".")[0]) is not None]
+present = [m for m in ("google.protobuf", "sentencepiece", "alpacare_jax") if importlib.util.find_spec(m.split(".")[0])]
 export, prompt, max_new = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tokenizer = transformers.AutoTokenizer.from_pretrained(export)
 model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
@@ -88,7 +88,7 @@ with torch.no_grad():
     out = model.generate(ids, max_new_tokens=max_new, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.eos_token_id)
 new = out[0, ids.shape[1]:].tolist()
-print(json.dumps({"present": missing, "prompt_ids": ids[0].tolist(), "new_ids": new,
+print(json.dumps({"present": present, "prompt_ids": ids[0].tolist(), "new_ids": new,
                   "prompt_text": tokenizer.decode(ids[0], skip_special_tokens=True)}))
 """
 

@@ -1,6 +1,6 @@
 """Build a `medinstruct` TFDS dataset (array_record):
 
-    python -m alpacare_jax.data.build --source=PATH_OR_URL --data_dir=DIR [--config=medinstruct_52k|medinstruct_test|icliniq]
+    alpacare-build-data --source=PATH_OR_URL --data_dir=DIR [--config=medinstruct_52k|medinstruct_test|icliniq]
 
 `--source` is the MedInstruct-52k JSON (local path or URL; default: the official file) for
 `medinstruct_52k`, and the AlpaCare data directory (or `MedInstruct-test.jsonl`) for the evaluation
@@ -17,6 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import tensorflow_datasets as tfds
+
+from alpacare_jax.data.medinstruct import Builder
 from alpacare_jax.data.medinstruct.medinstruct_dataset_builder import DEFAULT_VALIDATION_FRACTION
 
 CONFIGS = ("medinstruct_52k", "medinstruct_test", "icliniq")
@@ -33,10 +36,6 @@ def build_dataset(
     overwrite: bool = False,
 ) -> tuple[Path, dict[str, int], int]:
     """Builds one config; returns (dataset directory, examples per split, number of skipped records)."""
-    import tensorflow_datasets as tfds
-
-    from alpacare_jax.data.medinstruct import Builder
-
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; choose one of {CONFIGS}")
     data_dir = Path(data_dir).expanduser().resolve()
@@ -89,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     counts = ", ".join(f"{name}={n}" for name, n in sorted(splits.items()))
-    print(f"built {DATASET_NAME}/{args.config} at {path}: {counts}" + (f" ({skipped} bad records skipped)" if skipped else ""))
+    skipped_note = f" ({skipped} bad records skipped)" if skipped else ""
+    print(f"built {DATASET_NAME}/{args.config} at {path}: {counts}{skipped_note}")
     return 0
 
 

@@ -67,10 +67,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.format = "medqa"  # medqa | headqa | medmcqa (see alpacare_jax/data/multiple_choice.py)
     c.train_file = ""  # the training split in its released format
     c.eval_file = ""  # the dev split: evaluated every `eval_every` steps, drives early stopping
+    # The test split where its answers are released (MedQA, HEAD-QA; not MedMCQA): evaluated beside the dev
+    # split at every evaluation and logged as test_accuracy, so the test accuracy of the dev-selected
+    # evaluation can be read from metrics.jsonl (alpacare_jax.eval.context_study); "" = none.
+    c.test_file = ""
     # CONTEXTS JSONL of each split (`data_gen contexts` run on that split's file: ids are per file);
-    # both "" = train and evaluate without context.
+    # all "" = train and evaluate without context.
     c.train_contexts_file = ""
     c.eval_contexts_file = ""
+    c.test_contexts_file = ""
     c.num_options = 4  # options per question in a batch; questions with fewer get empty rows
     c.train_size = 0  # 0 = every training question; N = a random subset of N (few-shot; MedMCQA: 10k)
     c.subset_seed = 0  # which random subset (the few-shot runs use splits 0, 1 and 2)
@@ -217,7 +222,8 @@ def attach_contexts(questions: Sequence[Question], contexts: Mapping[str, dict],
         for letter in LETTERS[:len(question.options)]:
             text = record["option_contexts"].get(letter)
             if not isinstance(text, str):
-                raise DataError(f"{source}: id {question.id!r}: field 'option_contexts' has no text for option {letter}")
+                raise DataError(f"{source}: id {question.id!r}: field 'option_contexts' has no text for "
+                                f"option {letter}")
             per_option.append(text)
         out.append(dataclasses.replace(question, overall_context=record["overall_context"],
                                        option_contexts=tuple(per_option)))
@@ -232,8 +238,14 @@ def subset(questions: Sequence[Question], size: int, seed: int) -> list[Question
     return [questions[i] for i in keep]
 
 
+SPLITS = ("train", "eval", "test")  # config fields `{split}_file` and `{split}_contexts_file`
+
+
 def load_split(mc_config: ml_collections.ConfigDict, split: str) -> list[Question]:
-    """The training ("train": subset applied) or dev ("eval") questions of a config, contexts attached."""
+    """The training ("train": subset applied), dev ("eval") or test ("test") questions of a config, contexts
+    attached."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}; choose one of {SPLITS}")
     path = mc_config[f"{split}_file"]
     contexts_file = mc_config[f"{split}_contexts_file"]
     if not path:
@@ -336,14 +348,15 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer,
     return iter(ds.to_iter_dataset(read))
 
 
-def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+def make_eval_iterator(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, split: str = "eval",
                        questions: Sequence[Question] | None = None, process_index: int | None = None,
                        process_count: int | None = None) -> grain.DatasetIterator:
-    """Every dev question once, in order; padded with weight-0 questions to equal batch counts per process."""
+    """Every question of the dev ("eval") or test split once, in order; padded with weight-0 questions to
+    equal batch counts per process."""
     data, mc = config.data, config.multiple_choice
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    questions = load_split(mc, "eval") if questions is None else questions
+    questions = load_split(mc, split) if questions is None else questions
     local = _local_batch(data.eval_global_batch_size or data.global_batch_size, count)
     mine = list(questions)[index::count]
     num_rows = math.ceil(math.ceil(len(questions) / count) / local) * local

@@ -116,7 +116,8 @@ def open_split(data_config: ml_collections.ConfigDict, split: str) -> Sequence[M
 
 
 def _read_options(data_config: ml_collections.ConfigDict) -> grain.ReadOptions:
-    return grain.ReadOptions(num_threads=data_config.read_threads, prefetch_buffer_size=data_config.prefetch_buffer_size)
+    return grain.ReadOptions(num_threads=data_config.read_threads,
+                             prefetch_buffer_size=data_config.prefetch_buffer_size)
 
 
 def _rename_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

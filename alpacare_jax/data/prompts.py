@@ -8,6 +8,11 @@ which is why this lives in one module.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from alpacare_jax.data.tokenizer import Tokenizer
+
 PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -39,3 +44,8 @@ def format_prompt(instruction: str, input: str | None = None) -> str:  # noqa: A
     if has_input(input):
         return PROMPT_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def prompt_ids(tokenizer: Tokenizer, instruction: str, input: str | None = None) -> list[int]:  # noqa: A002
+    """Token ids of the exact training prompt: BOS + the template; the response is to follow directly."""
+    return tokenizer.encode(format_prompt(instruction, input), bos=True)

@@ -11,8 +11,9 @@ Three sources, three schemas:
   `{prompt, response}` for claude-2, whose prompt wraps the patient's question). They are joined
   into one record per question with every model's answer.
 
-A bad record stops the build with a `RecordError` naming the file, the record index and the field, or,
-with `skip_bad_records=True`, is left out and counted. Every reader returns `(records, num_skipped)`.
+A bad record stops the build with a `DataError` (data_gen's, the one error type for a bad record in a
+file) naming the file, the record index and the field, or, with `skip_bad_records=True`, is left out and
+counted. Every reader returns `(records, num_skipped)`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from alpacare_jax.data.prompts import ICLINIQ_INSTRUCTION
-from data_gen.store import decode_utf8
+from data_gen import DataError, decode_utf8, parse_claude_prompt
 
 # Reference models of the AlpaCare evaluation, in the order the paper reports them.
 REFERENCE_MODELS = ("gpt-4", "gpt-3.5-turbo", "text-davinci-003", "claude-2")
@@ -35,54 +36,38 @@ TEST_ANSWER_KEYS = {
 }
 MEDINSTRUCT_TEST_FILE = "MedInstruct-test.jsonl"
 ICLINIQ_FILE = "iCliniq_output.jsonl"
-# claude-2's iCliniq prompt is `_CLAUDE_PREFIX + question + _CLAUDE_SUFFIX`.
-_CLAUDE_PREFIX = f"Human: {ICLINIQ_INSTRUCTION}\n\n"
-_CLAUDE_SUFFIX = "\nAssistant:"
 
 # Optional text fields of MedInstruct-52k records; missing ones become "".
 MEDINSTRUCT_OPTIONAL_FIELDS = ("input", "type", "topic", "view", "difficulty")
 
 
-class RecordError(ValueError):
-    """A source record that cannot be used; the message names file, record index and field."""
-
-    def __init__(self, path: str | Path, index: int | None, field: str | None, problem: str):
-        where = f"{path}"
-        if index is not None:
-            where += f": record {index}"
-        if field is not None:
-            where += f": field {field!r}"
-        super().__init__(f"{where}: {problem}")
-        self.path, self.index, self.field = str(path), index, field
-
-
 class _Checker:
-    """Collects records; a bad one raises, or is counted when `skip_bad_records`."""
+    """Collects records; a bad one raises a DataError, or is counted when `skip_bad_records`."""
 
     def __init__(self, path: Path, skip_bad_records: bool):
         self.path, self.skip_bad_records, self.num_skipped = path, skip_bad_records, 0
 
     def text(self, record: Any, index: int, field: str, *, required: bool, numeric_ok: bool = False) -> str:
         if not isinstance(record, dict):
-            raise RecordError(self.path, index, None, f"expected a JSON object, got {type(record).__name__}")
+            raise DataError(self.path, index, None, f"expected a JSON object, got {type(record).__name__}")
         if field not in record or record[field] is None:
             if required:
-                raise RecordError(self.path, index, field, "missing")
+                raise DataError(self.path, index, field, "missing")
             return ""
         value = record[field]
         if numeric_ok and isinstance(value, int) and not isinstance(value, bool):
             return str(value)
         if not isinstance(value, str):
-            raise RecordError(self.path, index, field, f"expected a string, got {type(value).__name__}")
+            raise DataError(self.path, index, field, f"expected a string, got {type(value).__name__}")
         return value
 
     def run(self, items, make):
-        """`make(index, item)` for every item; RecordErrors raise or are counted."""
+        """`make(index, item)` for every item; DataErrors raise or are counted."""
         out = []
         for index, item in enumerate(items):
             try:
                 out.append(make(index, item))
-            except RecordError:
+            except DataError:
                 if not self.skip_bad_records:
                     raise
                 self.num_skipped += 1
@@ -91,11 +76,11 @@ class _Checker:
 
 def _load_json_list(path: Path) -> list:
     try:
-        data = json.loads(decode_utf8(path, path.read_bytes(), error=RecordError))
+        data = json.loads(decode_utf8(path, path.read_bytes()))
     except json.JSONDecodeError as e:
-        raise RecordError(path, None, None, f"not valid JSON ({e})") from None
+        raise DataError(path, None, None, f"not valid JSON ({e})") from None
     if not isinstance(data, list):
-        raise RecordError(path, None, None, f"expected a JSON list of records, got {type(data).__name__}")
+        raise DataError(path, None, None, f"expected a JSON list of records, got {type(data).__name__}")
     return data
 
 
@@ -105,11 +90,11 @@ def _load_json_lines(path: Path) -> list:
         for index, raw in enumerate(f):
             if not raw.strip():
                 continue
-            line = decode_utf8(path, raw, record=len(records), error=RecordError)
+            line = decode_utf8(path, raw, record=len(records))
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise RecordError(path, len(records), None, f"line {index + 1} is not valid JSON ({e})") from None
+                raise DataError(path, len(records), None, f"line {index + 1} is not valid JSON ({e})") from None
     return records
 
 
@@ -117,7 +102,7 @@ def _record_id(record: dict, index: int, path: Path) -> int:
     """The record's own integer `id` when it has one, else its position in the file."""
     value = record.get("id", index)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RecordError(path, index, "id", f"expected an integer, got {type(value).__name__}")
+        raise DataError(path, index, "id", f"expected an integer, got {type(value).__name__}")
     return value
 
 
@@ -199,7 +184,7 @@ def read_icliniq(source: str | Path, *, skip_bad_records: bool = False) -> tuple
     per_model = {m: _load_json_lines(root / m / ICLINIQ_FILE) for m in REFERENCE_MODELS}
     lengths = {m: len(rows) for m, rows in per_model.items()}
     if len(set(lengths.values())) != 1:
-        raise RecordError(root, None, None, f"reference files have different numbers of rows: {lengths}")
+        raise DataError(root, None, None, f"reference files have different numbers of rows: {lengths}")
     checkers = {m: _Checker(root / m / ICLINIQ_FILE, skip_bad_records) for m in REFERENCE_MODELS}
 
     def question_and_answer(model: str, index: int) -> tuple[str, str, str]:
@@ -207,10 +192,11 @@ def read_icliniq(source: str | Path, *, skip_bad_records: bool = False) -> tuple
         answer_key = "response" if isinstance(record, dict) and "response" in record else "output"
         answer = check.text(record, index, answer_key, required=True)
         if "prompt" in record and "input" not in record:
-            prompt = check.text(record, index, "prompt", required=True)
-            if not (prompt.startswith(_CLAUDE_PREFIX) and prompt.endswith(_CLAUDE_SUFFIX)):
-                raise RecordError(check.path, index, "prompt", "not in the expected 'Human: ... Assistant:' form")
-            return "", prompt[len(_CLAUDE_PREFIX) : -len(_CLAUDE_SUFFIX)], answer
+            parsed = parse_claude_prompt(check.text(record, index, "prompt", required=True))
+            if parsed is None or parsed[0] != ICLINIQ_INSTRUCTION:
+                raise DataError(check.path, index, "prompt",
+                                "not in the expected 'Human: <iCliniq instruction>\n\n<question>\nAssistant:' form")
+            return "", parsed[1], answer
         instruction = check.text(record, index, "instruction", required=False)
         return instruction, check.text(record, index, "input", required=True), answer
 
@@ -219,7 +205,7 @@ def read_icliniq(source: str | Path, *, skip_bad_records: bool = False) -> tuple
         instruction, question, _ = parts[REFERENCE_MODELS[0]]
         for model, (_, other, _) in parts.items():
             if other.strip() != question.strip():
-                raise RecordError(checkers[model].path, index, "input",
+                raise DataError(checkers[model].path, index, "input",
                                   f"question differs from {REFERENCE_MODELS[0]}'s row {index}")
         return {
             "id": index,

@@ -15,9 +15,15 @@ from __future__ import annotations
 import abc
 import io
 import json
+import os
 import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from etils import epath
+
+from alpacare_jax import storage
+from alpacare_jax.data.records import read_medinstruct_52k
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -53,9 +59,15 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         """Text of `ids`; with `skip_special_tokens=False` special tokens appear as their text (`</s>`)."""
 
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """Write files that both `load_tokenizer` and `transformers.AutoTokenizer` load from `out_dir`
+        (a local directory or a gs:// URL)."""
+        with storage.local_staging(out_dir) as local:
+            self._save(local)
+
     @abc.abstractmethod
-    def save(self, out_dir: str | Path) -> None:
-        """Write files that both `load_tokenizer` and `transformers.AutoTokenizer` load from `out_dir`."""
+    def _save(self, out_dir: Path) -> None:
+        """`save` into a local directory."""
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -99,10 +111,8 @@ class SentencePieceTokenizer(Tokenizer):
         parts.append(self._sp.decode(run))
         return "".join(parts)
 
-    def save(self, out_dir: str | Path) -> None:
+    def _save(self, out_dir: Path) -> None:
         """Writes `tokenizer.model` plus the two JSON files with which HF loads it as a `LlamaTokenizer`."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         if (out_dir / SENTENCEPIECE_FILE).resolve() != self.model_file.resolve():
             shutil.copyfile(self.model_file, out_dir / SENTENCEPIECE_FILE)
         piece = self._sp.id_to_piece
@@ -134,7 +144,8 @@ class SentencePieceTokenizer(Tokenizer):
         remains, as with every LLaMA `tokenizer.json`: the text "<s>" or "</s>" becomes the special token; and
         byte tokens that do not form UTF-8 decode to a different number of U+FFFD than sentencepiece gives.
         """
-        from tokenizers import AddedToken, Tokenizer as FastTokenizer, decoders, models, normalizers, processors
+        from tokenizers import AddedToken, decoders, models, normalizers, processors
+        from tokenizers import Tokenizer as FastTokenizer
 
         sp = self._sp
         vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
@@ -213,10 +224,8 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def save(self, out_dir: str | Path) -> None:
+    def _save(self, out_dir: Path) -> None:
         """Copies `tokenizer.json` and writes a `tokenizer_config.json` naming BOS/EOS/pad."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         if (out_dir / HF_TOKENIZER_FILE).resolve() != self.tokenizer_file.resolve():
             shutil.copyfile(self.tokenizer_file, out_dir / HF_TOKENIZER_FILE)
         special = {
@@ -229,11 +238,19 @@ class HFTokenizer(Tokenizer):
         _write_json(out_dir / SPECIAL_TOKENS_MAP_FILE, special)
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """The tokenizer at `path`: a `tokenizer.model` / `tokenizer.json` file or a directory holding one.
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer at `path`: a `tokenizer.model` / `tokenizer.json` file or a directory holding one,
+    local or at a gs:// URL (its few small files are then copied to a local directory first).
 
     A directory with both (HF LLaMA-1/2 checkpoints) uses the sentencepiece model, the original.
     """
+    if storage.is_url(path):
+        remote = epath.Path(path)
+        if remote.name in (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE):
+            local = storage.local_copy(remote.parent, (remote.name, TOKENIZER_CONFIG_FILE))
+            return load_tokenizer(local / remote.name)
+        return load_tokenizer(storage.local_copy(remote, (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE,
+                                                          TOKENIZER_CONFIG_FILE)))
     path = Path(path)
     if path.is_dir():
         for name in (SENTENCEPIECE_FILE, HF_TOKENIZER_FILE):
@@ -250,8 +267,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 def _corpus_texts(texts_or_json: Iterable[str] | str | Path) -> list[str]:
     """Training sentences: the strings given, or every instruction/input/output of a MedInstruct JSON file."""
     if isinstance(texts_or_json, (str, Path)):
-        from alpacare_jax.data.records import read_medinstruct_52k
-
         records, _ = read_medinstruct_52k(texts_or_json)
         return [r[k] for r in records for k in ("instruction", "input", "output") if r[k]]
     return [t for t in texts_or_json if t]

@@ -1,11 +1,15 @@
 """Orbax checkpoints of the train state and the data iterator, with fallback past a damaged latest step.
 
 A checkpoint step directory holds four items:
-  params     the model weights (all that `export_hf` needs),
+  params     the trained weights (all that `export_hf` needs besides, with LoRA, the base),
   train      optimizer state, step and RNG key,
   data       the grain iterator position of every process (a few integers each),
   checksums  a 64-bit content hash of every array in `params` and `train`,
 so a restart continues with exactly the batches and updates an uninterrupted run would have seen.
+A LoRA run's `params` are its adapters; its frozen base is not saved (it is as large as a full checkpoint
+and never changes) and a fifth item, `base`, names it: its source and the content hash of each of its
+arrays. A restore checks those hashes against the base loaded now, so adapters never silently land on
+another base.
 Saves are asynchronous (training continues while the arrays are written) and only become visible
 under their final step name once complete, so a crash mid-save leaves the previous step as latest.
 Paths may be local or `gs://...` (orbax writes through tensorstore / epath).
@@ -19,6 +23,7 @@ costs one read of the state, not a gather to one host.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -44,11 +49,31 @@ class ChecksumMismatch(ValueError):
     """A restored array whose content hash differs from the one saved with it."""
 
 
+class BaseMismatch(ValueError):
+    """LoRA adapters restored onto another base than theirs, or checkpoints of the other kind of run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseReference:
+    """The frozen base a LoRA run adapts, as its checkpoints record it: where it came from (for people)
+    and the content hash of each of its arrays (what a restore compares)."""
+
+    source: str
+    checksums: dict[str, str]
+
+    @classmethod
+    def of(cls, source: str, base: dict) -> BaseReference:
+        return cls(source, content_checksums(base))
+
+
 class Checkpointer:
-    def __init__(self, directory: str | epath.Path, *, save_every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str | epath.Path, *, save_every: int, keep: int, async_save: bool = True,
+                 base: BaseReference | None = None):
+        """`base`: with LoRA, the base loaded now; saved with every step and checked by every restore."""
         # Orbax wants absolute paths; remote ones (gs://...) already are.
         self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         self.save_every = save_every
+        self.base = base
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -63,14 +88,17 @@ class Checkpointer:
         return self.save_every > 0 and step % self.save_every == 0
 
     def save(self, state: TrainState, data_iterator: Any, *, step: int) -> None:
-        """Starts an (async) save of `state` and the iterator's position at `step`."""
-        self.manager.save(step, args=ocp.args.Composite(
+        """Starts an (async) save of `state` and the iterator's position at `step` (not the frozen base)."""
+        items = dict(
             params=ocp.args.StandardSave(state.params),
             train=ocp.args.StandardSave(_train_part(state)),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             checksums=ocp.args.JsonSave({"params": content_checksums(state.params),
                                          "train": content_checksums(_train_part(state))}),
-        ), force=True)
+        )
+        if self.base is not None:
+            items["base"] = ocp.args.JsonSave(dataclasses.asdict(self.base))
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore_latest(self, abstract_state: TrainState, data_iterator: Any) -> TrainState | None:
         """The newest restorable checkpoint, or None when there is no checkpoint at all.
@@ -91,6 +119,8 @@ class Checkpointer:
                 restored = self._restore_verified(step, abstract_state.params, _train_part(abstract_state))
                 self.manager.restore(step, args=ocp.args.Composite(
                     data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            except BaseMismatch:  # not damage: every step was trained on that base, so none would do
+                raise
             except Exception as e:  # noqa: BLE001 (any failure of one step means: try the previous one)
                 data_iterator.set_state(fresh_position)
                 errors[step] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"  # one line, bounded
@@ -110,10 +140,18 @@ class Checkpointer:
 
     def _restore_verified(self, step: int, abstract_params: dict, abstract_train: dict | None) -> dict:
         """`params` (and `train` unless None) of `step`, checked against the checksums saved with them."""
-        items = {"params": ocp.args.StandardRestore(abstract_params), "checksums": ocp.args.JsonRestore()}
+        self._check_base(step)
+        items = {"params": ocp.args.StandardRestore(abstract_params)}
         if abstract_train is not None:
             items["train"] = ocp.args.StandardRestore(abstract_train)
+        verified = (self.directory / str(step) / "checksums").exists()
+        if verified:
+            items["checksums"] = ocp.args.JsonRestore()
+        else:  # written before checkpoints carried checksums: usable, but nothing can vouch for its bytes
+            log.warning("checkpoint at step %d has no checksums (an older format); restored unverified", step)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if not verified:
+            return restored
         saved = restored["checksums"]
         for item in ("params", "train") if abstract_train is not None else ("params",):
             got = content_checksums(restored[item])
@@ -122,6 +160,25 @@ class Checkpointer:
                 raise ChecksumMismatch(f"{self.directory / str(step) / item}: the content of {len(bad)} array(s) "
                                        f"differs from the checksum saved with it, first {bad[0]}")
         return restored
+
+    def _check_base(self, step: int) -> None:
+        """Raises BaseMismatch unless `step` was trained on the base loaded now (or both are full fine-tuning)."""
+        path = self.directory / str(step)
+        saved = None
+        if (path / "base").exists():
+            saved = self.manager.restore(step, args=ocp.args.Composite(base=ocp.args.JsonRestore()))["base"]
+        if saved is None and self.base is not None:
+            raise BaseMismatch(f"{path}: a checkpoint of every weight (full fine-tuning), but this run trains "
+                               "LoRA adapters (config.lora.rank > 0); use another workdir")
+        if saved is not None and self.base is None:
+            raise BaseMismatch(f"{path}: a checkpoint of LoRA adapters (base {saved['source']}), but this run "
+                               "trains every weight (config.lora.rank = 0); use another workdir")
+        if saved is not None:
+            mine = self.base.checksums
+            bad = sorted(k for k in mine.keys() | saved["checksums"].keys() if mine.get(k) != saved["checksums"].get(k))
+            if bad:
+                raise BaseMismatch(f"{path}: adapters trained on the base {saved['source']}, but the base loaded now "
+                                   f"({self.base.source}) differs in {len(bad)} of its arrays, first {bad[0]}")
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames damaged steps to `<step>.damaged` (kept for inspection) so the step can be saved again."""
@@ -143,10 +200,6 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; have {steps}")
         return self._restore_verified(step, abstract_params, None)["params"], step
 
-    def wait(self) -> None:
-        """Blocks until any async save is committed."""
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
@@ -154,7 +207,6 @@ class Checkpointer:
 
 def _train_part(state: TrainState) -> dict:
     return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
-
 
 
 # Two odd 32-bit constants (from MurmurHash3) seed the two halves of the 64-bit hash.

@@ -8,14 +8,14 @@ small Python files returning ConfigDicts; any field can be overridden with `--co
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import ml_collections
+from etils import epath
 
 from alpacare_jax.data import multiple_choice
 from alpacare_jax.data.pipeline import default_data_config
-from alpacare_jax.model import LlamaConfig
+from alpacare_jax.hf import CONFIG_FILE, config_from_hf, read_config
+from alpacare_jax.model import LORA_TARGETS, LlamaConfig, LoraConfig
 from alpacare_jax.train import loss
 
 
@@ -35,6 +35,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat_policy = "nothing_saveable"
     c.init_from_hf = ""  # HF LLaMA directory to start from (weights, architecture and tokenizer)
     c.tokenizer = ""  # tokenizer.model / tokenizer.json or a directory; "" = the one in init_from_hf
+
+    # ---- LoRA (alpacare_jax/model/lora.py) ----
+    # rank > 0 trains low-rank adapters only: the base weights (init_from_hf, or a random model drawn from
+    # `seed` when there is none, for tests) are frozen, get no gradients and no optimizer state, and are
+    # not saved in checkpoints (which name the base and its content checksums instead).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = full fine-tuning
+    c.lora.alpha = 16.0  # adapters are scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    c.lora.dropout = 0.0  # dropout on each adapter's input during training
+    c.lora.rslora = False
+    c.lora.targets = LORA_TARGETS  # projections with adapters: any of q, k, v, o, gate, up, down
+    c.lora.base_dtype = "bfloat16"  # the frozen base weights' dtype (adapters keep model.param_dtype)
+    c.lora.init_from_adapter = ""  # PEFT adapter directory to start the adapters from (rank etc. must match)
 
     # ---- data (alpacare_jax.data.pipeline) ----
     c.data = default_data_config()
@@ -92,7 +105,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.export_hf = False  # write WORKDIR/hf (safetensors + tokenizer) at the end
     c.sample_prompt = ""  # print one greedy answer to this instruction at the end
     c.sample_max_new_tokens = 64
+
+    # ---- lm-evaluation-harness tasks while training (alpacare_jax.eval.training) ----
+    # A few small harness tasks scored with the live model every `every` steps and at the end, logged in
+    # metrics.jsonl beside eval_loss as "<task>/<metric>". The harness sits above the trainer, so such a run
+    # starts from `python -m alpacare_jax.eval train` (the training command's flags); the plain training
+    # command refuses a config that names tasks rather than skip them.
+    c.harness = ml_collections.ConfigDict()
+    c.harness.tasks = ""  # comma-separated suite task names, e.g. "pubmedqa,mmlu_anatomy"; "" = none
+    c.harness.every = 0  # 0 = only at the end
+    c.harness.limit = 100  # documents per task (0 = all of them)
+    c.harness.data_dir = ""  # local JSONL files in the benchmark suite's --data_dir layout; "" = the hub
+    c.harness.batch_size = 16
     return c
+
+
+HARNESS_HOOK = "harness"  # the name of the hook that scores `config.harness.tasks` (built in alpacare_jax.eval)
+
+
+def harness_tasks(config: ml_collections.ConfigDict) -> list[str]:
+    """The harness tasks a run scores while training (none when the config predates the field)."""
+    harness = config.get("harness")
+    return [t.strip() for t in (harness.tasks if harness else "").split(",") if t.strip()]
 
 
 _NOT_MODEL_FIELDS = ("preset",)
@@ -100,19 +134,36 @@ _NON_ARCHITECTURAL = ("param_dtype", "dtype", "remat_policy", "attention_impl")
 
 
 def llama_config(config: ml_collections.ConfigDict) -> LlamaConfig:
-    """The model a training config describes: a preset (or an HF `config.json`) plus field overrides."""
+    """The model a training config describes: a preset (or an HF `config.json`) plus field overrides,
+    with the LoRA adapters of `config.lora` when its rank is > 0."""
+    return _base_llama_config(config).replace(lora=lora_config(config))
+
+
+def lora_config(config: ml_collections.ConfigDict) -> LoraConfig | None:
+    """The adapters `config.lora` asks for, or None for full fine-tuning."""
+    if config.lora.rank == 0:
+        return None
+    if config.objective != "sft":
+        raise ValueError(f"config.lora.rank={config.lora.rank}: LoRA trains the 'sft' objective only, "
+                         f"not config.objective={config.objective!r}")
+    try:
+        return LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                          rslora=config.lora.rslora, targets=tuple(config.lora.targets))
+    except ValueError as e:
+        raise ValueError(f"config.lora: {e}") from None
+
+
+def _base_llama_config(config: ml_collections.ConfigDict) -> LlamaConfig:
     fields = {k: v for k, v in config.model.items() if k not in _NOT_MODEL_FIELDS}
     known = {f.name for f in dataclasses.fields(LlamaConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"config.model has unknown fields {unknown}; LlamaConfig fields are {sorted(known)}")
     if config.init_from_hf:
-        from alpacare_jax.hf import config_from_hf
-
-        hf_file = Path(config.init_from_hf) / "config.json"
+        hf_file = epath.Path(config.init_from_hf) / CONFIG_FILE
         if not hf_file.exists():
-            raise FileNotFoundError(f"config.init_from_hf={config.init_from_hf!r}: no config.json there")
-        base = config_from_hf(json.loads(hf_file.read_text()), str(hf_file))
+            raise FileNotFoundError(f"config.init_from_hf={config.init_from_hf!r}: no {CONFIG_FILE} there")
+        base = config_from_hf(read_config(hf_file), str(hf_file))
         architectural = sorted(k for k, v in fields.items() if k not in _NON_ARCHITECTURAL and v != getattr(base, k))
         if architectural:
             raise ValueError(f"with init_from_hf the architecture comes from {hf_file}; "

@@ -34,7 +34,7 @@ class EarlyStopping:
         if self.metric in metrics:
             self.update(step, float(metrics[self.metric]))
 
-    def replay(self, records: Iterable[Mapping[str, Any]]) -> "EarlyStopping":
+    def replay(self, records: Iterable[Mapping[str, Any]]) -> EarlyStopping:
         """Feeds the evaluations of earlier metrics.jsonl records (a resumed run's history)."""
         for record in records:
             self.observe(int(record["step"]), record)

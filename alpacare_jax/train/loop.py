@@ -1,22 +1,20 @@
-"""The training loop: set up (tokenizer, data, mesh, state), then step, log, evaluate, checkpoint.
+"""The training loop, in the order it runs: setup, then step, log, hooks (evaluation, ...), checkpoint.
 
     train(config, workdir)
 
-Everything a later process needs to rebuild the model is written to the workdir before the first
-step: `config.json` (the resolved training config), `model_config.json` (the `LlamaConfig`) and
-`tokenizer/`. Restarting with the same workdir resumes from the newest good checkpoint. SIGTERM (how
-TPU VMs announce preemption) makes the loop checkpoint the current step and return normally.
+Before the first step the workdir (alpacare_jax/workdir.py) receives everything a later process needs
+to rebuild the model: the resolved config, the model config and the tokenizer. Restarting with the same
+workdir resumes from the newest good checkpoint with the batches an uninterrupted run would have seen.
+SIGTERM (how TPU VMs announce preemption) makes the loop checkpoint the current step and return.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import signal
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -26,23 +24,22 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from alpacare_jax import hf, hf_peft
 from alpacare_jax import sharding as sharding_lib
-from alpacare_jax.data import pipeline
-from alpacare_jax.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from alpacare_jax.data import bootstrap, pipeline
+from alpacare_jax.data.tokenizer import Tokenizer, load_tokenizer
 from alpacare_jax.model import LlamaConfig
-from alpacare_jax.train import objectives
+from alpacare_jax.train import hooks as hooks_lib
+from alpacare_jax.train import lora_base, objectives
 from alpacare_jax.train import state as state_lib
 from alpacare_jax.train import step as step_lib
-from alpacare_jax.train.checkpoint import Checkpointer
-from alpacare_jax.train.config import llama_config
+from alpacare_jax.train.checkpoint import BaseReference, Checkpointer
+from alpacare_jax.train.config import HARNESS_HOOK, harness_tasks, llama_config
 from alpacare_jax.train.early_stopping import EarlyStopping
 from alpacare_jax.train.metrics import MetricsWriter, Throughput, read_metrics
+from alpacare_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
-
-SAMPLE_JSON = Path(pipeline.__file__).parent / "sample" / "medinstruct_sample.json"
-TOKENIZER_DIR = "tokenizer"
-MODEL_CONFIG_FILE = "model_config.json"
 
 
 # ---- setup ----------------------------------------------------------------------------------------------
@@ -56,61 +53,38 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _bootstrap_source(config: ml_collections.ConfigDict) -> Path | None:
-    source = config.bootstrap.source
-    if not source:
-        return None
-    path = SAMPLE_JSON if source == "sample" else Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"config.bootstrap.source={source!r}: no such file")
-    return path
+def prepare_tokenizer(config: ml_collections.ConfigDict, run: Workdir) -> Tokenizer:
+    """The run's tokenizer, also saved in the workdir (the workdir alone must rebuild the model).
 
-
-def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path) -> Tokenizer:
-    """The run's tokenizer, also saved as WORKDIR/tokenizer (the workdir alone must rebuild the model).
-
-    Order: `config.tokenizer`, the `init_from_hf` directory, WORKDIR/tokenizer from an earlier run, or
-    (demo) a new one trained on `config.bootstrap.source`.
+    Order: `config.tokenizer`, the `init_from_hf` directory, the workdir's own from an earlier start, or
+    (demo) one trained on `config.bootstrap.source`.
     """
-    own = workdir / TOKENIZER_DIR
-    if config.tokenizer:
-        tokenizer = load_tokenizer(config.tokenizer)
-    elif config.init_from_hf:
-        tokenizer = load_tokenizer(config.init_from_hf)
-    elif own.exists():
-        return load_tokenizer(own)
-    elif (source := _bootstrap_source(config)) is not None:
+    if config.tokenizer or config.init_from_hf:
+        tokenizer = load_tokenizer(config.tokenizer or config.init_from_hf)
         if _is_primary():
-            log.info("training a %d-piece tokenizer on %s", config.bootstrap.tokenizer_vocab_size, source)
-            train_tokenizer(source, own, vocab_size=config.bootstrap.tokenizer_vocab_size)
+            tokenizer.save(run.tokenizer_dir)
+        return tokenizer
+    if not run.tokenizer_dir.exists() and config.bootstrap.source:
+        if _is_primary():
+            bootstrap.ensure_tokenizer(bootstrap.source_file(config.bootstrap.source), run.tokenizer_dir,
+                                       config.bootstrap.tokenizer_vocab_size)
         _sync("tokenizer trained")
-        return load_tokenizer(own)
-    else:
+    if not run.tokenizer_dir.exists():
         raise ValueError("no tokenizer: set config.tokenizer, config.init_from_hf or config.bootstrap.source")
-    if _is_primary():
-        tokenizer.save(own)
-    return tokenizer
+    return run.tokenizer()
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: epath.Path) -> ml_collections.ConfigDict:
-    """The data config to read; with `bootstrap.source`, builds the TFDS dataset first if it is absent."""
+def prepare_data(config: ml_collections.ConfigDict, run: Workdir) -> ml_collections.ConfigDict:
+    """The data config to read; with `bootstrap.source`, the TFDS dataset is built first if absent."""
     data_config = config.data.copy_and_resolve_references()
-    source = _bootstrap_source(config)
-    if source is None:
+    if not config.bootstrap.source:
         return data_config
     if not data_config.data_dir:
-        data_config.data_dir = str(workdir / "tfds")
-    try:
-        pipeline.num_examples(data_config)
-    except FileNotFoundError:
-        if _is_primary():
-            from alpacare_jax.data.build import build_dataset
-
-            name = data_config.dataset.split("/")[-1]
-            log.info("building TFDS %s from %s into %s", data_config.dataset, source, data_config.data_dir)
-            build_dataset(name, source, data_config.data_dir,
-                          validation_fraction=config.bootstrap.validation_fraction)
-        _sync("dataset built")
+        data_config.data_dir = str(run.bootstrap_data_dir)
+    if _is_primary():
+        bootstrap.ensure_dataset(data_config, bootstrap.source_file(config.bootstrap.source),
+                                 config.bootstrap.validation_fraction)
+    _sync("dataset built")
     return data_config
 
 
@@ -125,22 +99,6 @@ def total_train_steps(config: ml_collections.ConfigDict, data_config, tokenizer:
     return config.num_epochs * per_epoch
 
 
-def save_run_description(workdir: epath.Path, config: ml_collections.ConfigDict, model_config: LlamaConfig) -> None:
-    if not _is_primary():
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    (workdir / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_config), indent=2) + "\n")
-
-
-def load_model_config(workdir: str | epath.Path) -> LlamaConfig:
-    """The `LlamaConfig` a training run in `workdir` used."""
-    path = epath.Path(workdir) / MODEL_CONFIG_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-    return LlamaConfig(**json.loads(path.read_text()))
-
-
 def _validate(config: ml_collections.ConfigDict, model_config: LlamaConfig, tokenizer: Tokenizer) -> None:
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
@@ -151,6 +109,9 @@ def _validate(config: ml_collections.ConfigDict, model_config: LlamaConfig, toke
     if config.data.global_batch_size % config.grad_accum_steps:
         raise ValueError(f"data.global_batch_size={config.data.global_batch_size} is not divisible by "
                          f"grad_accum_steps={config.grad_accum_steps}")
+    if model_config.lora and config.export_hf and not config.init_from_hf:
+        raise ValueError("config.export_hf with LoRA writes a PEFT adapter, which needs the base it adapts "
+                         "(config.init_from_hf); export a random base's run with `export_hf --merge`")
     for key in ("log_every", "grad_accum_steps", "keep_checkpoints"):
         if config[key] < 1:
             raise ValueError(f"config.{key} must be >= 1, got {config[key]}")
@@ -181,119 +142,172 @@ class PreemptionFlag:
 
 # ---- the loop -------------------------------------------------------------------------------------------
 
-def evaluate(objective, eval_step, params, batches, mesh, batch_spec) -> dict[str, float]:
-    """The objective's metrics over the whole validation split (`eval_loss`, ...; empty when it is empty)."""
-    sums: dict[str, float] = {}
-    for local in batches:
-        for key, value in eval_step(params, pipeline.to_global_batch(local, mesh, batch_spec)).items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-    return objective.eval_metrics(sums) if sums else {}
-
-
-def train(config: ml_collections.ConfigDict, workdir: str | epath.Path) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str | epath.Path,
+          extra_hooks: Sequence[hooks_lib.Hook] = ()) -> dict:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
-    workdir = epath.Path(workdir)
+    if harness_tasks(config) and not any(h.name == HARNESS_HOOK for h in extra_hooks):
+        # The harness lives in alpacare_jax.eval, above the trainer: only its entry point can score them.
+        raise ValueError(f"config.harness.tasks={config.harness.tasks!r} needs the lm-evaluation-harness hook: "
+                         "run `python -m alpacare_jax.eval train` with the same flags (or set "
+                         "--config.harness.tasks='')")
+    run = Workdir(workdir)
+
+    # Model description, tokenizer and data; written to the workdir before anything is trained.
     model_config = llama_config(config)
-    tokenizer = prepare_tokenizer(config, workdir)
+    tokenizer = prepare_tokenizer(config, run)
     _validate(config, model_config, tokenizer)
-    data_config = prepare_data(config, workdir)
+    data_config = prepare_data(config, run)
     total_steps = total_train_steps(config, data_config, tokenizer)
-    save_run_description(workdir, config, model_config)
+    if _is_primary():
+        run.write_description(config, model_config)
 
+    # Mesh, sharded state layout and the jitted update step (the same program `alpacare_jax.aot` compiles).
     program = step_lib.build_train_program(config, model_config, total_steps)
-    setup, tx, train_step, objective = program.setup, program.tx, program.train_step, program.objective
-    mesh, rules = setup.mesh, setup.rules
-    eval_step = step_lib.jit_eval_step(setup, objective)
+    setup, objective = program.setup, program.objective
+    mesh = setup.mesh
+    batch_spec = sharding_lib.logical_to_spec(objective.batch_axes, setup.rules)
     train_iter = objective.train_iterator(config, data_config, tokenizer)
-    checkpointer = Checkpointer(workdir / "checkpoints", save_every=config.checkpoint_every,
-                                keep=config.keep_checkpoints, async_save=config.async_checkpointing)
 
+    # With LoRA the frozen base is loaded first, whether resuming or not: checkpoints hold only the adapters.
+    base, base_reference = _lora_base(config, model_config, setup)
+
+    # Resume from the newest good checkpoint, or start: from `init_from_hf` or from random weights.
+    checkpointer = Checkpointer(run.checkpoints_dir, save_every=config.checkpoint_every,
+                                keep=config.keep_checkpoints, async_save=config.async_checkpointing,
+                                base=base_reference)
     try:
         state = checkpointer.restore_latest(setup.abstract_state, train_iter)
     except BaseException:
         checkpointer.close()  # stops orbax's background threads, which otherwise fail noisily at exit
         raise
     if state is None:
-        params = None
-        if config.init_from_hf:
-            from alpacare_jax.hf import load_pretrained
-
-            model = load_pretrained(config.init_from_hf, dtype=model_config.param_dtype,
-                                    compute_dtype=model_config.dtype, mesh=mesh, rules=rules,
-                                    remat_policy=model_config.remat_policy,
-                                    attention_impl=model_config.attention_impl)
-            params = nnx.to_pure_dict(nnx.state(model))
-            if objective.name == "multiple_choice":
-                params = objectives.initial_params_from_causal_lm(params, model_config, config.seed)
-        state = state_lib.init_train_state(setup, model_config, tx, config.seed, params)
+        initial = _initial_adapters(config, model_config, setup) if base else _pretrained_params(
+            config, model_config, setup, objective)
+        state = state_lib.init_train_state(setup, model_config, program.tx, config.seed, initial, frozen=base)
         start_step = 0
     else:
+        state = state.replace(frozen=base)
         start_step = int(state.step)
-        log.info("resumed from the checkpoint at step %d", start_step)
-        if _is_primary():
-            print(f"resumed from step {start_step}", flush=True)
+        log.info("resumed from step %d", start_step)
 
-    writer = MetricsWriter(workdir, enabled=_is_primary(), resume_step=start_step)
-    tokens_per_step = objectives.tokens_per_step(config)
-    throughput = Throughput(model_config.flops_per_token(data_config.max_length), tokens_per_step, mesh.size)
-    preemption = PreemptionFlag()
-    batch_spec = sharding_lib.logical_to_spec(objective.batch_axes, rules)
-    eval_every = config.eval_every
-    if eval_every < 0:  # once per epoch
-        eval_every = objective.steps_per_epoch(config, data_config, tokenizer)
+    # Everything besides the update: evaluation, early stopping on its metric, the end-of-run extras.
+    hooks = [*_configured_hooks(config, run, setup, objective, data_config, tokenizer, batch_spec), *extra_hooks]
+    writer = MetricsWriter(run, enabled=_is_primary(), resume_step=start_step)
     metric, higher_is_better = objective.selection_metric
     stopper = EarlyStopping(metric, higher_is_better, config.early_stopping_patience)
     if _is_primary() and start_step:
-        stopper.replay(read_metrics(workdir))  # the history up to the checkpoint (the writer dropped the rest)
+        stopper.replay(read_metrics(run))  # the history up to the checkpoint (the writer dropped the rest)
+    throughput = Throughput(model_config.flops_per_token(data_config.max_length),
+                            objectives.tokens_per_step(config), mesh.size)
+    preemption = PreemptionFlag()
     progress = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not _is_primary())
     last: dict = {}
     step = start_step
-    stopped_early = False
+    ended = step >= total_steps or _agree(stopper.should_stop)  # a restarted run that had already finished
     try:
-        # A restarted run that had already stopped early (its checkpoint is that step) trains no further.
-        while step < total_steps and not (stopped_early := _agree(stopper.should_stop)):
+        while not ended:
             batch = pipeline.to_global_batch(next(train_iter), mesh, batch_spec)
-            state, metrics = train_step(state, batch)
+            state, metrics = program.train_step(state, batch)
             step += 1
             throughput.step()
             progress.update()
-            do_eval = (eval_every and step % eval_every == 0) or step == total_steps
-            if do_eval or step % config.log_every == 0 or step == start_step + 1:
+
+            due = [h for h in hooks if h.due(step) or (h.at_end and step == total_steps)]
+            if due or step % config.log_every == 0 or step == start_step + 1:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 last.update(throughput.report())
                 if not math.isfinite(last["loss"]):
                     raise FloatingPointError(f"loss is {last['loss']} at step {step}")
                 progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['learning_rate']:.2e}")
-                if do_eval:
-                    eval_start = time.perf_counter()
-                    eval_batches = objective.eval_iterator(config, data_config, tokenizer)
-                    last.update(evaluate(objective, eval_step, state.params, eval_batches, mesh, batch_spec))
-                    stopper.observe(step, last)
-                    throughput.exclude(time.perf_counter() - eval_start)
+                last.update(_run_hooks(due, step, state, throughput))
+                stopper.observe(step, last)
                 writer.write(step, last)
+
             stop = preemption.should_stop(checkpointer, step)
-            stopped_early = _agree(stopper.should_stop)
-            if checkpointer.should_save(step) or step == total_steps or stop or stopped_early:
+            ended = step == total_steps or _agree(stopper.should_stop)
+            if checkpointer.should_save(step) or ended or stop:
                 checkpointer.save(state, train_iter, step=step)
             if stop:
-                log.warning("preemption signal: checkpointed step %d, exiting", step)
-                if _is_primary():
-                    print(f"preempted: saved a checkpoint at step {step}", flush=True)
+                log.warning("preempted: saved a checkpoint at step %d, exiting", step)
                 break
-            if stopped_early:
-                break
+            if ended and step < total_steps:
+                log.info("early stopping at step %d: best %s %.4f at step %d, none better in the %d evaluations "
+                         "since", step, stopper.metric, stopper.best, stopper.best_step, stopper.since_best)
+            if ended:  # the end-of-run hooks that did not just run (e.g. the export after an early stop)
+                _run_hooks([h for h in hooks if h.at_end and h not in due], step, state, throughput)
     finally:
         progress.close()
         preemption.restore()
         checkpointer.close()  # waits for the last async save
         writer.close()
-
-    if stopped_early and _is_primary():
-        print(f"early stopping at step {step}: best {stopper.metric} {stopper.best:.4f} at step "
-              f"{stopper.best_step}, none better in the {stopper.since_best} evaluations since", flush=True)
-    if (step == total_steps or stopped_early) and not preemption.received:
-        _after_training(config, workdir, setup, state, tokenizer)
+    if step == start_step and ended and not preemption.received:
+        _run_hooks([h for h in hooks if h.at_end], step, state, throughput)  # nothing left to train: redo the extras
     return last
+
+
+def _pretrained_params(config, model_config: LlamaConfig, setup, objective) -> dict | None:
+    """The starting weights from `config.init_from_hf` (read straight onto their shards), or None."""
+    if not config.init_from_hf:
+        return None
+    model = hf.load_pretrained(config.init_from_hf, dtype=model_config.param_dtype, compute_dtype=model_config.dtype,
+                               mesh=setup.mesh, rules=setup.rules, remat_policy=model_config.remat_policy,
+                               attention_impl=model_config.attention_impl)
+    params = nnx.to_pure_dict(nnx.state(model))
+    if objective.name == "multiple_choice":
+        params = objectives.initial_params_from_causal_lm(params, model_config, config.seed)
+    return params
+
+
+def _lora_base(config, model_config: LlamaConfig, setup) -> tuple[dict, BaseReference | None]:
+    """LoRA's frozen base (`init_from_hf` in `lora.base_dtype`, or with none a random model drawn from `seed`)
+    and what checkpoints record of it; ({}, None) for full fine-tuning."""
+    if model_config.lora is None:
+        return {}, None
+    return lora_base.load_base(config, model_config, setup.model_class, setup.abstract_state.frozen, setup.mesh,
+                               setup.rules)
+
+
+def _initial_adapters(config, model_config: LlamaConfig, setup) -> dict | None:
+    """The adapters of `lora.init_from_adapter` (a PEFT directory) on their shards, or None: fresh ones."""
+    if not config.lora.init_from_adapter:
+        return None
+    return hf_peft.load_adapter(config.lora.init_from_adapter, model_config, setup.shardings.params)
+
+
+def _configured_hooks(config, run: Workdir, setup, objective, data_config, tokenizer,
+                      batch_spec) -> list[hooks_lib.Hook]:
+    """Evaluation (and a test split's, if any) every `eval_every` steps (-1: every epoch) and at the end; the
+    export and sample at the end."""
+    eval_every = config.eval_every
+    if eval_every < 0:
+        eval_every = objective.steps_per_epoch(config, data_config, tokenizer)
+    eval_step = step_lib.jit_eval_step(setup, objective)
+    hooks = [hooks_lib.Hook("evaluation", hooks_lib.evaluation(
+        objective, eval_step, lambda: objective.eval_iterator(config, data_config, tokenizer), setup.mesh, batch_spec),
+        every=eval_every, at_end=True)]
+    if (test_batches := objective.test_batches(config, data_config, tokenizer)) is not None:
+        hooks.append(hooks_lib.Hook("test_evaluation", hooks_lib.evaluation(
+            objective, eval_step, test_batches, setup.mesh, batch_spec, split="test"), every=eval_every, at_end=True))
+    if config.export_hf and setup.shardings.frozen:  # LoRA: the adapters, for PEFT on top of the base
+        hooks.append(hooks_lib.Hook("adapter_export", hooks_lib.adapter_export(
+            setup.graphdef, tokenizer, run.adapter_export_dir, config.init_from_hf), at_end=True))
+    elif config.export_hf:
+        hooks.append(hooks_lib.Hook("hf_export", hooks_lib.hf_export(setup.graphdef, tokenizer, run.hf_export_dir),
+                                    at_end=True))
+    if config.sample_prompt and objective.name == "sft":
+        hooks.append(hooks_lib.Hook("sample", hooks_lib.sample_answer(
+            setup.graphdef, tokenizer, config.sample_prompt, config.sample_max_new_tokens), at_end=True))
+    return hooks
+
+
+def _run_hooks(hooks: Sequence[hooks_lib.Hook], step: int, state, throughput: Throughput) -> dict[str, float]:
+    """Runs `hooks` at `step`; returns the metrics they report. Their time is not training time."""
+    start = time.perf_counter()
+    metrics: dict[str, float] = {}
+    for hook in hooks:
+        metrics.update(hook.fn(step, state) or {})
+    throughput.exclude(time.perf_counter() - start)
+    return metrics
 
 
 def _agree(flag: bool) -> bool:
@@ -301,22 +315,3 @@ def _agree(flag: bool) -> bool:
     if jax.process_count() > 1:
         return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
     return flag
-
-
-def _after_training(config, workdir, setup, state, tokenizer) -> None:
-    """The demo's finish: HF export and one greedy answer (all processes take part in the gathers)."""
-    if config.export_hf:
-        from alpacare_jax.hf import save_pretrained
-
-        out = workdir / "hf"
-        save_pretrained(nnx.merge(setup.graphdef, state.params), out, dtype="float32", tokenizer=tokenizer)
-        if _is_primary():
-            print(f"exported the model for transformers to {out}", flush=True)
-    if config.sample_prompt and config.objective == "sft":
-        from alpacare_jax.infer.completion import answer as answer_instruction
-        from alpacare_jax.model import SamplingConfig
-
-        answer = answer_instruction(nnx.merge(setup.graphdef, state.params), tokenizer, config.sample_prompt,
-                                    sampling=SamplingConfig(max_new_tokens=config.sample_max_new_tokens))
-        if _is_primary():
-            print(f"\n### Instruction:\n{config.sample_prompt}\n\n### Response:\n{answer}\n", flush=True)

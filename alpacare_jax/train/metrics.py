@@ -15,6 +15,10 @@ from typing import Any
 
 import jax
 from etils import epath
+from tensorboardX import SummaryWriter
+
+from alpacare_jax import storage
+from alpacare_jax.workdir import Workdir
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +92,9 @@ class MetricsWriter:
     half-written last line (a kill during a write), with a warning.
     """
 
-    def __init__(self, workdir: str | epath.Path, *, enabled: bool, resume_step: int = 0):
+    def __init__(self, run: Workdir, *, enabled: bool, resume_step: int = 0):
         self.enabled = enabled
-        self.path = epath.Path(workdir) / "metrics.jsonl"
+        self.path = run.metrics_file
         self._tb = None
         if not enabled:
             return
@@ -99,19 +103,14 @@ class MetricsWriter:
         # Rewritten whole, not appended: appending is not available on every filesystem (GCS).
         self._lines = kept
         self._flush()
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
-        except ImportError:  # tensorboardX is a dependency, but TensorBoard output is a nicety
-            self._tb = None
+        self._tb = SummaryWriter(str(run.tensorboard_dir))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._lines.append(json.dumps(record))
-        if self.path.parent.as_posix().startswith("gs://"):
+        if storage.is_url(self.path):  # objects cannot be appended to: upload the whole file again
             self._flush()
         else:
             with self.path.open("a") as f:
@@ -123,8 +122,9 @@ class MetricsWriter:
             self._tb.flush()
 
     def _flush(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(line + "\n" for line in self._lines))
+        """Replaces the file whole, never leaving it half-written (a kill mid-write keeps the old one)."""
+        storage.makedirs(self.path.parent)
+        storage.write_bytes(self.path, "".join(line + "\n" for line in self._lines).encode())
 
     def close(self) -> None:
         if self._tb is not None:
@@ -141,6 +141,7 @@ def _plain(value: Any) -> Any:
 def _parse_lines(path: epath.Path, *, allow_partial_tail: bool = False) -> list[dict[str, Any]]:
     """The records of a metrics file; a bad line raises naming it, unless it is the last and may be partial."""
     lines = path.read_text().splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -148,12 +149,14 @@ def _parse_lines(path: epath.Path, *, allow_partial_tail: bool = False) -> list[
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            if allow_partial_tail and number == len(lines):
+            if allow_partial_tail and number == last:
                 log.warning("%s: dropped a half-written last line %d (%.60r)", path, number, line)
                 break
             raise ValueError(f"{path}: line {number} is not valid JSON ({e.msg})") from None
     return records
 
 
-def read_metrics(workdir: str | epath.Path) -> list[dict[str, Any]]:
-    return _parse_lines(epath.Path(workdir) / "metrics.jsonl")
+def read_metrics(workdir: str | epath.PathLike | Workdir) -> list[dict[str, Any]]:
+    """The records of a training workdir's metrics.jsonl."""
+    run = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
+    return _parse_lines(run.metrics_file)

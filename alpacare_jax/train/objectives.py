@@ -13,13 +13,12 @@ as (sum, count) so gradient accumulation and multi-process batches stay exact me
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from etils import epath
 from flax import nnx
 
 from alpacare_jax.data import multiple_choice, pipeline
@@ -41,11 +40,13 @@ class SupervisedFineTuning:
     count_name: ClassVar[str] = "loss_tokens"  # what the loss is averaged over
     selection_metric: ClassVar[tuple[str, bool]] = ("eval_loss", False)  # early stopping: (metric, higher is better)
 
-    def loss_sums(self, graphdef: nnx.GraphDef, params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        """(sum of masked token losses, number of loss tokens), both float32 scalars."""
+    def loss_sums(self, graphdef: nnx.GraphDef, params: dict, batch: Batch,
+                  dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(sum of masked token losses, number of loss tokens), both float32 scalars; `dropout_rng` (training
+        with LoRA dropout) draws the adapters' dropout masks."""
         model = nnx.merge(graphdef, params)
         hidden, _ = model.hidden_states(batch["input_ids"], positions=batch["positions"],
-                                        segment_ids=batch["segment_ids"])
+                                        segment_ids=batch["segment_ids"], dropout_rng=dropout_rng)
         head = model.head_weight().astype(model.config.dtype)
         mask = batch["loss_mask"].astype(jnp.float32)
         loss = cross_entropy_sum(hidden, head, batch["labels"], mask, chunk_size=self.loss_chunk)
@@ -64,6 +65,10 @@ class SupervisedFineTuning:
 
     def eval_iterator(self, config, data_config, tokenizer: Tokenizer):
         return pipeline.make_eval_iterator(data_config, tokenizer)
+
+    def test_batches(self, config, data_config, tokenizer: Tokenizer) -> Callable[[], Iterator] | None:
+        """SFT's held-out measure is the validation loss; its test sets are judged (alpacare_jax.eval)."""
+        return None
 
     def steps_per_epoch(self, config, data_config, tokenizer: Tokenizer) -> int:
         return pipeline.steps_per_epoch(data_config, tokenizer, process_count=jax.process_count())
@@ -96,8 +101,11 @@ class MultipleChoice:
         correct = (jnp.argmax(scores, axis=-1) == label).astype(jnp.float32)
         return nll, correct, weight
 
-    def loss_sums(self, graphdef: nnx.GraphDef, params: dict, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        """(sum over questions of -log softmax(option scores)[right option], number of questions)."""
+    def loss_sums(self, graphdef: nnx.GraphDef, params: dict, batch: Batch,
+                  dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(sum over questions of -log softmax(option scores)[right option], number of questions).
+
+        `dropout_rng` is there for the train step's sake: LoRA (whose dropout it drives) trains SFT only."""
         nll, _, weight = self._per_question(graphdef, params, batch)
         return jnp.sum(nll * weight), jnp.sum(weight)
 
@@ -116,6 +124,13 @@ class MultipleChoice:
 
     def eval_iterator(self, config, data_config, tokenizer: Tokenizer):
         return multiple_choice.make_eval_iterator(config, tokenizer)
+
+    def test_batches(self, config, data_config, tokenizer: Tokenizer) -> Callable[[], Iterator] | None:
+        """A fresh pass over the test split when the config names one (else None): scored beside dev, so the
+        dev-selected step's test accuracy is in metrics.jsonl (the paper reports MedQA and HEAD-QA test)."""
+        if not config.multiple_choice.test_file:
+            return None
+        return lambda: multiple_choice.make_eval_iterator(config, tokenizer, split="test")
 
     def steps_per_epoch(self, config, data_config, tokenizer: Tokenizer) -> int:
         return multiple_choice.steps_per_epoch(config, process_count=jax.process_count())
@@ -140,11 +155,9 @@ def tokens_per_step(config: ml_collections.ConfigDict) -> int:
     return rows * config.data.max_length
 
 
-def workdir_model_class(workdir: str | epath.Path) -> type:
-    """The model class a training workdir holds, from the objective in its `config.json`."""
-    path = epath.Path(workdir) / "config.json"
-    objective = json.loads(path.read_text()).get("objective", "sft") if path.exists() else "sft"
-    return MultipleChoice.model_class if objective == "multiple_choice" else SupervisedFineTuning.model_class
+def model_class(objective: str) -> type:
+    """The model class an objective trains (what a workdir with that `config.objective` holds)."""
+    return MultipleChoice.model_class if objective == MultipleChoice.name else SupervisedFineTuning.model_class
 
 
 def initial_params_from_causal_lm(params: dict, model_config: Any, seed: int) -> dict:

@@ -55,7 +55,8 @@ def weight_decay_mask(params: Any, no_decay_patterns: tuple[str, ...]) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(opt_config: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(opt_config: ml_collections.ConfigDict,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its schedule (the schedule is also logged as `learning_rate`)."""
     schedule = learning_rate_schedule(opt_config, total_steps)
     parts = []

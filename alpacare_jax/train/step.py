@@ -1,17 +1,21 @@
 """The jitted train and eval steps: pure functions of (TrainState, global batch).
 
 The step is the same for every objective (`alpacare_jax.train.objectives`); the objective gives the
-loss as (sum, count). For SFT the loss is the mean next-token cross-entropy over the tokens with `loss_mask` 1 in the whole global
-batch (every response token weighs the same, however the rows are packed or split). With gradient
+loss as (sum, count). For SFT the loss is the mean next-token cross-entropy over the tokens with
+`loss_mask` 1 in the whole global batch (every response token weighs the same, however the rows are
+packed or split). With gradient
 accumulation the batch is cut into microbatches that are scanned over, summing loss and gradients,
 and divided by the total token count once: the update equals the one-big-batch update.
+
+Gradients are taken with respect to `state.params` only: with LoRA those are the adapters, and the frozen
+base weights (`state.frozen`) enter the loss as constants, so no gradient of theirs is ever formed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +24,10 @@ import optax
 from flax import nnx
 
 from alpacare_jax import sharding as sharding_lib
-from alpacare_jax.model import LlamaConfig
+from alpacare_jax.model import LlamaConfig, lora
+from alpacare_jax.train import objectives
 from alpacare_jax.train import optimizer as optimizer_lib
 from alpacare_jax.train import state as state_lib
-from alpacare_jax.train import objectives
 from alpacare_jax.train.loss import DEFAULT_CHUNK_SIZE
 from alpacare_jax.train.state import TrainSetup, TrainState
 
@@ -56,20 +60,28 @@ def _microbatches(batch: Batch, accum_steps: int) -> Batch:
 
 def train_step(state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                schedule: optax.Schedule, accum_steps: int = 1,
-               objective: objectives.Objective = objectives.SupervisedFineTuning(),
+               objective: objectives.Objective = objectives.SupervisedFineTuning(), dropout: bool = False,
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    grad_fn = jax.value_and_grad(lambda p, b: objective.loss_sums(graphdef, p, b), has_aux=True)
+    """One optimizer update; `dropout` draws the LoRA adapters' dropout masks (one key per microbatch)."""
+    def loss_sums(params, batch, micro):
+        dropout_rng = None
+        if dropout:  # the same masks after a restart: the key comes from the saved rng and the step
+            dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), micro)
+        return objective.loss_sums(graphdef, lora.merge_trees(params, state.frozen), batch, dropout_rng=dropout_rng)
+
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
     if accum_steps == 1:
-        (loss_sum, num_tokens), grads = grad_fn(state.params, batch)
+        (loss_sum, num_tokens), grads = grad_fn(state.params, batch, 0)
     else:
-        def body(carry, micro):
+        def body(carry, scanned):
             grads, loss_sum, num_tokens = carry
-            (micro_loss, micro_tokens), micro_grads = grad_fn(state.params, micro)
+            micro, index = scanned
+            (micro_loss, micro_tokens), micro_grads = grad_fn(state.params, micro, index)
             return (jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, num_tokens + micro_tokens), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (grads, loss_sum, num_tokens), _ = jax.lax.scan(
-            body, (zeros, jnp.float32(0), jnp.float32(0)), _microbatches(batch, accum_steps))
+            body, (zeros, jnp.float32(0), jnp.float32(0)), (_microbatches(batch, accum_steps), jnp.arange(accum_steps)))
     # A batch without loss tokens or questions (possible only with pathological data) gives zero gradients, not NaN.
     denominator = jnp.maximum(num_tokens, 1.0)
     grads = jax.tree.map(lambda g: g / denominator, grads)
@@ -101,7 +113,7 @@ def jit_train_step(setup: TrainSetup, tx: optax.GradientTransformation, schedule
     batch_sharding = _batch_sharding(setup, objective)
     fn = jax.jit(
         lambda state, batch: train_step(state, batch, graphdef=setup.graphdef, tx=tx, schedule=schedule,
-                                        accum_steps=accum_steps, objective=objective),
+                                        accum_steps=accum_steps, objective=objective, dropout=setup.lora_dropout > 0),
         in_shardings=(setup.shardings, batch_sharding),
         out_shardings=(setup.shardings, sharding_lib.replicated(setup.mesh)),
         donate_argnums=(0,),
@@ -111,11 +123,12 @@ def jit_train_step(setup: TrainSetup, tx: optax.GradientTransformation, schedule
 
 def jit_eval_step(setup: TrainSetup,
                   objective: objectives.Objective) -> Callable[[dict, Batch], dict[str, jax.Array]]:
-    """The objective's evaluation sums of one batch (loss, count, ...), jitted like the train step."""
+    """The objective's evaluation sums of one batch (loss, count, ...) for every parameter of the model
+    (`TrainState.model_params()`), jitted like the train step."""
     batch_sharding = _batch_sharding(setup, objective)
     fn = jax.jit(
         lambda params, batch: objective.eval_sums(setup.graphdef, params, batch),
-        in_shardings=(setup.shardings.params, batch_sharding),
+        in_shardings=(setup.shardings.model_params(), batch_sharding),
         out_shardings=sharding_lib.replicated(setup.mesh),
     )
     return _under_rules(fn, setup)
@@ -162,6 +175,7 @@ def build_train_program(config: ml_collections.ConfigDict, model_config: LlamaCo
     rules = sharding_lib.rules_from_config(config.sharding_rules)
     objective = objectives.from_config(config)
     tx, schedule = optimizer_lib.make_optimizer(config.optimizer, total_steps)
-    setup = state_lib.make_setup(model_config, tx, mesh, rules, objective.model_class)
+    base_dtype = config.lora.base_dtype if model_config.lora else None
+    setup = state_lib.make_setup(model_config, tx, mesh, rules, objective.model_class, base_dtype)
     train_step = jit_train_step(setup, tx, schedule, config.grad_accum_steps, objective=objective)
     return TrainProgram(setup, objective, tx, schedule, train_step)

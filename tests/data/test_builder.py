@@ -10,7 +10,8 @@ import tensorflow_datasets as tfds
 from alpacare_jax.data.build import build_dataset
 from alpacare_jax.data.medinstruct.medinstruct_dataset_builder import in_validation
 from alpacare_jax.data.prompts import ICLINIQ_INSTRUCTION
-from alpacare_jax.data.records import REFERENCE_MODELS, TEST_ANSWER_KEYS, RecordError, read_medinstruct_52k
+from alpacare_jax.data.records import REFERENCE_MODELS, TEST_ANSWER_KEYS, read_medinstruct_52k
+from data_gen import DataError
 
 from .conftest import REPO_ROOT, SAMPLE_JSON, SAMPLE_VALIDATION_FRACTION
 
@@ -82,9 +83,10 @@ def test_medinstruct_52k_split_is_deterministic_disjoint_and_complete(sample_dat
 
 BAD_RECORDS = [
     ("not an object", ["just a string"], r"record 1: expected a JSON object, got str"),
-    ("missing instruction", [{"output": "x"}], r"record 1: field 'instruction': missing"),
-    ("missing output", [{"instruction": "x"}], r"record 1: field 'output': missing"),
-    ("non-string field", [{"instruction": "x", "output": "y", "topic": 3}], r"record 1: field 'topic': expected a string, got int"),
+    ("missing instruction", [{"output": "x"}], r"record 1, field 'instruction': missing"),
+    ("missing output", [{"instruction": "x"}], r"record 1, field 'output': missing"),
+    ("non-string field", [{"instruction": "x", "output": "y", "topic": 3}],
+     r"record 1, field 'topic': expected a string, got int"),
 ]
 
 
@@ -93,7 +95,7 @@ def test_bad_record_stops_the_build_naming_file_index_and_field(tmp_path, bad):
     message = dict((json.dumps(b[1]), b[2]) for b in BAD_RECORDS)[json.dumps(bad)]
     source = tmp_path / "bad.json"
     source.write_text(json.dumps([{"instruction": "ok", "output": "fine", "input": "<noinput>"}] + bad))
-    with pytest.raises(RecordError, match=f"{source}: {message}"):
+    with pytest.raises(DataError, match=f"{source}, {message}"):
         build_dataset("medinstruct_52k", source, tmp_path / "tfds")
     # Nothing half-built is left behind.
     assert not (tmp_path / "tfds" / "medinstruct" / "medinstruct_52k").exists()
@@ -126,7 +128,7 @@ def test_cli_builds_and_reports_errors(tmp_path):
     bad.write_text(json.dumps([{"instruction": "x", "output": ["not", "text"]}]))
     failed = run(f"--source={bad}", f"--data_dir={tmp_path / 'other'}")
     assert failed.returncode == 1
-    assert f"{bad}: record 0: field 'output': expected a string, got list" in failed.stderr
+    assert f"{bad}, record 0, field 'output': expected a string, got list" in failed.stderr
 
 
 def test_builder_import_has_no_side_effects(tmp_path):

@@ -190,3 +190,19 @@ def test_load_split_applies_subset_and_checks_num_options(tmp_path):
     config.multiple_choice.num_options = 3
     with pytest.raises(mc.DataError, match="more options than multiple_choice.num_options=3"):
         mc.load_split(config.multiple_choice, "eval")
+
+
+def test_test_split_has_its_own_files_and_eval_iterator(tmp_path, sp_tokenizer):
+    dev = write_jsonl(tmp_path / "dev.jsonl", MEDQA)
+    test = write_jsonl(tmp_path / "test.jsonl", MEDQA[::-1] * 2)  # another file: 4 questions, labels 1, 3, 1, 3
+    contexts = write_jsonl(tmp_path / "test_contexts.jsonl", [
+        {"id": str(i), "overall_context": f"overall {i}", "option_contexts": {k: f"{k}{i}" for k in "ABCD"}}
+        for i in range(4)])
+    config = _config(tmp_path, eval_file=str(dev), test_file=str(test), test_contexts_file=str(contexts))
+    questions = mc.load_split(config.multiple_choice, "test")
+    assert [q.answer for q in questions] == [1, 3, 1, 3] and questions[2].option_contexts == ("A2", "B2", "C2", "D2")
+    assert mc.load_split(config.multiple_choice, "eval")[0].option_contexts == ()  # dev has no contexts file
+    labels = np.concatenate([b["label"] for b in mc.make_eval_iterator(config, sp_tokenizer, split="test")])
+    assert labels.tolist() == [1, 3, 1, 3]
+    with pytest.raises(ValueError, match="split 'dev'; choose one of"):
+        mc.load_split(config.multiple_choice, "dev")

@@ -49,7 +49,7 @@ def test_batches_follow_the_contract(data_config, sp_tokenizer, packing):
             assert v.shape == (4, data_config.max_length) and v.dtype == np.int32
         seg = batch["segment_ids"]
         assert not batch["loss_mask"][seg == 0].any()
-        for r, s, sl in _segments(batch):
+        for r, _, sl in _segments(batch):
             rows_per_example.append((step, r))
             n = sl.stop - sl.start
             np.testing.assert_array_equal(batch["positions"][r, sl], np.arange(n))

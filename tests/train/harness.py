@@ -16,8 +16,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.py"
 
 
-def demo_config():
-    spec = importlib.util.spec_from_file_location("demo_config", DEMO_CONFIG)
+def demo_config(path: Path = DEMO_CONFIG):
+    """The config of a configs/*.py file (by default the CPU demo's), as `--config=` would load it."""
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
@@ -90,7 +91,8 @@ def subprocess_env(num_devices: int) -> dict:
     return env
 
 
-def run_train(config, workdir: Path, *extra: str, num_devices: int = 8, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_train(config, workdir: Path, *extra: str, num_devices: int = 8,
+              timeout: float = 240) -> subprocess.CompletedProcess:
     proc = subprocess.run(train_command(config, workdir, *extra), env=subprocess_env(num_devices), cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -99,20 +101,10 @@ def run_train(config, workdir: Path, *extra: str, num_devices: int = 8, timeout:
 
 
 def restore_model(workdir: Path):
-    """(model, step) from a workdir's latest checkpoint, the way export_hf rebuilds it."""
-    from flax import nnx
+    """(model, step) from a workdir's latest checkpoint, the way every loader rebuilds it."""
+    from alpacare_jax.infer.loading import restore_workdir
 
-    from alpacare_jax.train.checkpoint import Checkpointer
-    from alpacare_jax.train.loop import load_model_config
-    from alpacare_jax.train.state import abstract_model
-
-    graphdef, abstract = abstract_model(load_model_config(workdir))
-    checkpointer = Checkpointer(Path(workdir) / "checkpoints", save_every=0, keep=10, async_save=False)
-    try:
-        params, step = checkpointer.restore_params(nnx.to_pure_dict(abstract))
-    finally:
-        checkpointer.close()
-    return nnx.merge(graphdef, params), step
+    return restore_workdir(workdir)
 
 
 def hf_logits_match(model, hf_dir: Path, prompt: str) -> None:

@@ -12,6 +12,7 @@ the run stops with a one-line message and leaves what is on disk alone.
 | one flipped bit in newest   | checksum mismatch: newest set aside, resume from the previous |
 | every kept step damaged     | exit 1 with one line; checkpoints and metrics left untouched  |
 | half-written metrics line   | line dropped with a warning, resume from the newest           |
+| newest without checksums    | an older format: restored with a warning, resume from it      |
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def _restart(config, workdir: Path) -> subprocess.CompletedProcess:
 
 def _parameter_data_file(workdir: Path, step: int) -> Path:
     """The largest tensorstore chunk file of the step's weights: where the parameter bytes are."""
-    files = [p for p in (workdir / "checkpoints" / str(step) / "params").rglob("*") if p.is_file() and p.parent.name == "d"]
+    params = workdir / "checkpoints" / str(step) / "params"
+    files = [p for p in params.rglob("*") if p.is_file() and p.parent.name == "d"]
     return max(files, key=lambda p: p.stat().st_size)
 
 
@@ -135,7 +137,7 @@ def test_half_written_metrics_line_is_dropped(runs, tmp_path):
     shutil.copytree(killed, workdir)
     newest = _committed_steps(workdir)[-1]
     with (workdir / "metrics.jsonl").open("a") as f:
-        f.write('{"step": %d, "loss": 1.23' % (newest + 1))  # a write cut short by the kill
+        f.write(f'{{"step": {newest + 1}, "loss": 1.23')  # a write cut short by the kill
 
     proc = _restart(config, workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -143,3 +145,17 @@ def test_half_written_metrics_line_is_dropped(runs, tmp_path):
     assert "dropped a half-written last line" in proc.stderr
     _assert_matches_reference(workdir, reference)
     assert len(read_metrics(workdir)) == STEPS
+
+
+def test_checkpoint_of_the_older_format_without_checksums_restores_with_a_warning(runs, tmp_path):
+    config, reference, killed = runs
+    workdir = tmp_path / "run"
+    shutil.copytree(killed, workdir)
+    newest = _committed_steps(workdir)[-1]
+    shutil.rmtree(workdir / "checkpoints" / str(newest) / "checksums")  # as written before checksums existed
+
+    proc = _restart(config, workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from step {newest}" in proc.stdout
+    assert f"checkpoint at step {newest} has no checksums" in proc.stderr
+    _assert_matches_reference(workdir, reference)

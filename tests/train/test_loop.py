@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import numpy as np
 import pytest
 
 from alpacare_jax import export_hf
-from alpacare_jax.train.loop import load_model_config, train
+from alpacare_jax.train.loop import train
 from alpacare_jax.train.metrics import read_metrics
+from alpacare_jax.workdir import Workdir
 from tests.train.harness import hf_logits_match, restore_model, tiny_config
 
 
@@ -36,10 +38,11 @@ def test_workdir_holds_metrics_checkpoints_and_model_description(short_run):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert (workdir / "tokenizer" / "tokenizer.model").exists()
     assert json.loads((workdir / "config.json").read_text())["num_train_steps"] == 4
-    assert load_model_config(workdir).hidden_size == config.model.hidden_size
+    assert Workdir(workdir).model_config().hidden_size == config.model.hidden_size
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(short_run, tmp_path, capfd, caplog):
+def test_corrupt_latest_checkpoint_falls_back_to_previous(short_run, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="alpacare_jax")
     config, source = short_run
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
@@ -51,7 +54,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(short_run, tmp_path, c
 
     config.num_train_steps = 6
     train(config, workdir)
-    assert "resumed from step 2" in capfd.readouterr().out
+    assert "resumed from step 2" in caplog.text
     assert "checkpoint at step 4 cannot be restored" in caplog.text
     records = read_metrics(workdir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # steps 3-4 redone, logged once

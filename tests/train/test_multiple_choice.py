@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 from pathlib import Path
@@ -25,9 +26,10 @@ def _accuracies(workdir: Path) -> dict[int, float]:
     return {r["step"]: r["eval_accuracy"] for r in read_metrics(workdir) if "eval_accuracy" in r}
 
 
-def test_contexts_carry_the_answer_and_early_stopping_ends_the_run(prepared, tmp_path, capfd):
+def test_contexts_carry_the_answer_and_early_stopping_ends_the_run(prepared, tmp_path, caplog):
     """With the per-option contexts the dev accuracy reaches >= 0.9 and the run stops once it no longer
     improves (a restart then trains no further); without them the same recipe stays near chance (1/4)."""
+    caplog.set_level(logging.INFO, logger="alpacare_jax")
     recipe = dict(num_train_steps=400, log_every=8, eval_every=16, early_stopping_patience=2)
     recipe.update({"optimizer.learning_rate": 3e-3, "optimizer.warmup_ratio": 0.02})
     with_context = tmp_path / "with_context"
@@ -37,7 +39,7 @@ def test_contexts_carry_the_answer_and_early_stopping_ends_the_run(prepared, tmp
     assert accuracy[best_step] >= 0.9, accuracy
     last_step = max(accuracy)
     assert last_step == best_step + 2 * 16 < 400, accuracy  # stopped after 2 evaluations without a better one
-    assert f"early stopping at step {last_step}" in capfd.readouterr().out
+    assert f"early stopping at step {last_step}" in caplog.text
 
     train(tiny_config(prepared, **mcq_overrides(tmp_path / "data", with_context=True), **recipe), with_context)
     assert max(r["step"] for r in read_metrics(with_context)) == last_step  # the stop survives a restart
@@ -49,6 +51,21 @@ def test_contexts_carry_the_answer_and_early_stopping_ends_the_run(prepared, tmp
     accuracy = _accuracies(without_context)
     assert sorted(accuracy) == sorted({*range(32, last_step + 1, 32), last_step})  # 256 questions / 8 per step
     assert max(accuracy.values()) <= 0.45, accuracy
+
+
+def test_a_test_split_is_scored_beside_dev_at_every_evaluation(prepared, tmp_path):
+    """With `multiple_choice.test_file` set, every evaluation also logs `test_loss` / `test_accuracy`. The
+    test file here is the dev file itself, so the two must agree exactly (same questions, same scoring)."""
+    overrides = mcq_overrides(tmp_path / "data", with_context=True)
+    overrides.update({"multiple_choice.test_file": overrides["multiple_choice.eval_file"],
+                      "multiple_choice.test_contexts_file": overrides["multiple_choice.eval_contexts_file"]})
+    workdir = tmp_path / "run"
+    train(tiny_config(prepared, **overrides, num_train_steps=16, eval_every=8), workdir)
+    evaluations = [r for r in read_metrics(workdir) if "eval_accuracy" in r]
+    assert [r["step"] for r in evaluations] == [8, 16]
+    for record in evaluations:
+        assert (record["test_accuracy"], record["test_loss"]) == (record["eval_accuracy"], record["eval_loss"])
+    assert not [r for r in read_metrics(workdir) if "test_accuracy" in r and "eval_accuracy" not in r]
 
 
 def _hf_export_answers_like_the_run(workdir: Path, out: Path, dev_accuracy: float) -> None:

@@ -93,7 +93,7 @@ def test_sigterm_checkpoints_current_step_and_exits_0(prepared, tmp_path):
     last_logged = max(_losses(workdir))
     assert len(saved) == 1 and 3 <= saved[0] < 10_000
     assert saved[0] >= last_logged
-    assert f"preempted: saved a checkpoint at step {saved[0]}" in out
+    assert f"preempted: saved a checkpoint at step {saved[0]}" in err  # a warning: stderr
 
 
 def test_two_processes_match_one_process(prepared, tmp_path):

@@ -75,7 +75,8 @@ def test_loss_is_per_token_mean_over_the_global_batch(config_and_batch, prepared
     """Per-token mean: rows with more loss tokens weigh more (not a mean of per-row means)."""
     config, batch = config_and_batch
     model_config = llama_config(config)
-    setup = state_lib.make_setup(model_config, optax.sgd(0.0), sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1]),
+    mesh = sharding.make_mesh(sharding.MeshConfig(), jax.devices()[:1])
+    setup = state_lib.make_setup(model_config, optax.sgd(0.0), mesh,
                                  sharding.DEFAULT_RULES)
     params = state_lib.init_train_state(setup, model_config, optax.sgd(0.0), seed=0).params
     loss_sum, count = step_lib.loss_sums(setup.graphdef, params, jax.tree.map(np.asarray, batch))

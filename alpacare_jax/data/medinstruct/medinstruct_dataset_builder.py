@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from alpacare_jax.data import records as rec
+from data_gen import DataError
 
 MEDINSTRUCT_52K_URL = "https://raw.githubusercontent.com/XZhang97666/AlpaCare/master/data/MedInstruct-52k.json"
 DEFAULT_VALIDATION_FRACTION = 0.02
@@ -37,7 +38,7 @@ _CITATION = """@article{zhang2023alpacare,
 
 def in_validation(instruction: str, input_text: str, fraction: float) -> bool:
     """Whether a task belongs to the held-out split: a stable hash of its text, not its position."""
-    digest = hashlib.sha256(f"{instruction}\x00{input_text}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{instruction}\x00{input_text}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
@@ -77,7 +78,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         common = {"id": tfds.features.Scalar(dtype=np.int64), "instruction": tfds.features.Text(),
                   "input": tfds.features.Text()}
         if self.builder_config.name == "medinstruct_52k":
-            features = {**common, **{k: tfds.features.Text() for k in ("output", "type", "topic", "view", "difficulty")}}
+            text_fields = ("output", "type", "topic", "view", "difficulty")
+            features = {**common, **{k: tfds.features.Text() for k in text_fields}}
             metadata = tfds.core.MetadataDict(validation_fraction=self._validation_fraction)
         elif self.builder_config.name == "medinstruct_test":
             features = {**common, "difficulty": tfds.features.Text(), "references": _references_feature()}
@@ -125,14 +127,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self.num_skipped_records = skipped
         # TFDS would fail later with a bare "No examples were yielded"; say which file and why.
         if not records:
-            raise rec.RecordError(source, None, None, f"all {skipped} records are bad and were skipped"
-                                  if skipped else "holds no records")
+            raise DataError(source, None, None, f"all {skipped} records are bad and were skipped"
+                            if skipped else "holds no records")
         if not next(iter(splits.values())):
-            raise rec.RecordError(source, None, None, f"all {len(records)} records fall into the validation "
-                                  f"split (validation_fraction={self._validation_fraction}): none left to train on")
+            raise DataError(source, None, None, f"all {len(records)} records fall into the validation "
+                            f"split (validation_fraction={self._validation_fraction}): none left to train on")
         return {split: self._generate_examples(rows) for split, rows in splits.items()}
 
     def _generate_examples(self, rows: list[dict]):
         # Keys are positions, not ids: ids in user files need not be unique.
-        for position, row in enumerate(rows):
-            yield position, row
+        yield from enumerate(rows)
