@@ -87,6 +87,7 @@ def test_lora_configs_follow_the_alpacare_recipe_with_a_frozen_bf16_base(name):
     _ = aot.parse_slice(c.tpu_topology).topology_name
 
 
+@pytest.mark.extended
 def test_lora_config_compiles_for_its_slice_holding_a_bf16_base_and_adapter_state_only():
     """LLaMA-2 7B with LoRA on a v5e-4 (the only LoRA compile here: each takes minutes on a busy CI machine).
     Per chip the step's arguments are a quarter of the bf16 base plus the adapters, their Adam moments and the

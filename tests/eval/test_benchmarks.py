@@ -120,6 +120,7 @@ def test_suite_table_every_task_judged_alpaca_farm_and_resume(tiny_hf_dir, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_two_processes_only_process_zero_reads_and_writes(tiny_hf_dir, tmp_path):  # noqa: F811
     """Process 1 gets an out_dir of its own (a TPU VM's local disk): it must follow process 0's decisions
     (what is stored, which AlpacaFarm answers exist) and leave its own disk untouched."""

@@ -174,6 +174,7 @@ def test_peft_adapter_continues_training_on_its_hf_base(prepared, hf_base, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_demo_lora_lowers_the_loss_on_the_demo_base_and_its_adapter_loads_in_peft(tmp_path):
     """The README's LoRA demo: configs/demo.py trains and exports the base, configs/demo_lora.py trains adapters
     on it and the loss falls below where the base left it (2.28 -> 1.93 in the recorded run: the base has already
