@@ -8,7 +8,8 @@ self-attention skips the masked upper triangle block by block). `cudnn` hands th
 TPU: it never materialises the [L, S] mask but takes causality as a static block-sparse mask plus the
 segment ids, so it needs the mask's parts rather than the dense mask. That is why backends receive an
 `AttentionMask` (the parts) and the dense form is computed only by the backends that want it.
-`cached_attention` serves the tokens that continue a cached sequence (decoding steps), on any backend.
+`cached_attention` serves the tokens that continue a cached sequence (decoding steps), on any backend;
+`rowwise_cached_attention` is the same over the stacked cache in place, row by row, for XLA's CPU compiler.
 Grouped-query attention is computed by grouping query heads per KV head, never by repeating K/V.
 """
 
@@ -143,6 +144,63 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Arra
     probs = jax.nn.softmax(jnp.where(visible[:, None, None], scores, _MASKED), axis=-1)
     out = jnp.einsum(f"bkgls,{cache}->blkgd", probs.astype(v.dtype), v)
     return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+CACHE_BLOCK = 128  # slots per block of `rowwise_cached_attention`
+
+
+def rowwise_cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, layer: jax.Array, q_slots: jax.Array,
+                             extents: jax.Array) -> jax.Array:
+    """`cached_attention` over layer `layer` of the stacked, heads-major cache k, v [layers, B, K, S, D],
+    one row at a time, block by block with an online softmax, each row reading only the blocks below its
+    own extent (`extents` [B]: one past the last slot its queries see; 0: the row is skipped, its output 0).
+
+    For XLA's CPU compiler, where decoding rows of very different lengths (a server's slots) is memory
+    bound on reading the cache: a dot cannot read a slice of the cache where it lies, so attending over a
+    window shared by all rows copied it first (every row padded to the longest row's bucket) and read the
+    copy, several passes over memory for one; a row's block is small enough to be copied and read while
+    it is in the processor's cache. Runs per shard, so rows and heads split over a mesh stay where they are.
+    """
+
+    def local(q, k, v, layer, q_slots, extents):
+        batch, q_len, num_heads, head_dim = q.shape
+        num_kv_heads, slots = k.shape[2], k.shape[3]
+        block = min(CACHE_BLOCK, slots)
+        groups = (num_kv_heads, num_heads // num_kv_heads, q_len)
+        q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+
+        def row(r, out):
+            def body(i, carry):
+                top, total, acc = carry  # running max [K, G, L], softmax denominator, weighted values
+                # dynamic_slice moves a last block that would overrun the slots back to end at the last
+                # slot; those below i * block were counted already and are masked out.
+                start = jnp.minimum(i * block, slots - block)
+                read = lambda cache: jax.lax.dynamic_slice(
+                    cache, (layer, r, 0, start, 0), (1, 1, num_kv_heads, block, head_dim))[0, 0]
+                scores = jnp.einsum("lkgd,ksd->kgls", q[r], read(k), preferred_element_type=jnp.float32)
+                scores = scores * (head_dim ** -0.5)
+                slot = start + jnp.arange(block, dtype=jnp.int32)
+                visible = (slot >= i * block) & (slot <= q_slots[r][:, None])  # [L, block]
+                scores = jnp.where(visible, scores, _MASKED)
+                new_top = jnp.maximum(top, scores.max(axis=-1))
+                weights = jnp.exp(scores - new_top[..., None])
+                rescale = jnp.exp(top - new_top)
+                values = jnp.einsum("kgls,ksd->kgld", weights.astype(v.dtype), read(v),
+                                    preferred_element_type=jnp.float32)
+                return new_top, total * rescale + weights.sum(axis=-1), acc * rescale[..., None] + values
+
+            start = (jnp.full(groups, _MASKED, jnp.float32), jnp.zeros(groups, jnp.float32),
+                     jnp.zeros((*groups, head_dim), jnp.float32))
+            _, total, acc = jax.lax.fori_loop(0, (extents[r] + block - 1) // block, body, start)
+            attended = jnp.where(total[..., None] > 0, acc / jnp.maximum(total, 1e-30)[..., None], 0.0)
+            attended = jnp.moveaxis(attended, 2, 0).reshape(q_len, num_heads, head_dim)  # [L, H, D]
+            return jax.lax.dynamic_update_index_in_dim(out, attended.astype(out.dtype), r, 0)
+
+        return jax.lax.fori_loop(0, batch, row, jnp.zeros((batch, q_len, num_heads, head_dim), q.dtype))
+
+    heads, cache, rows = ("batch", None, "heads", None), (None, "batch", "kv_heads", None, None), ("batch",)
+    return shard_map_logical(local, (heads, cache, cache, (), ("batch", None), rows), heads)(
+        q, k, v, layer, q_slots, extents)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask) -> jax.Array:

@@ -14,7 +14,9 @@ Two ways to run the same steps:
 
 A step's attention reads only a window of the cache that holds every row's filled part: `generate`
 moves to the next larger window when the rows outgrow one, the slots pick theirs per chunk. Reading a
-256-slot cache when 70 are filled was a third of a step's attention traffic for nothing.
+256-slot cache when 70 are filled was a third of a step's attention traffic for nothing. On CPU each
+row reads only its own filled part, whatever the window (`attention.rowwise_cached_attention`): a
+server's slots hold prompts of very different lengths.
 
 Nothing about a request is compiled in: the sampling settings (temperature, top-k, top-p), the seed
 and `max_new_tokens` are per-row traced values, so rows with different settings share one batch and

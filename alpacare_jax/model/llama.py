@@ -14,7 +14,12 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from alpacare_jax.model import lora
-from alpacare_jax.model.attention import AttentionMask, cached_attention, dot_product_attention
+from alpacare_jax.model.attention import (
+    AttentionMask,
+    cached_attention,
+    dot_product_attention,
+    rowwise_cached_attention,
+)
 from alpacare_jax.model.config import LlamaConfig
 from alpacare_jax.model.rope import apply_rotary, inverse_frequencies
 from alpacare_jax.sharding import constrain
@@ -127,6 +132,7 @@ class _LayerCache:
     v: jax.Array
     layer: jax.Array  # [] int32
     slots: jax.Array  # [batch, length] int32: where the new tokens go
+    extents: jax.Array  # [batch] int32: one past the last slot a counted (non-padding) token sees; 0: none
     window: int = struct.field(pytree_node=False)  # attention reads slots [0, window) only
     heads_major: bool = struct.field(pytree_node=False)
 
@@ -140,14 +146,19 @@ class _LayerCache:
 
         return self.replace(k=write(self.k, k), v=write(self.v, v))
 
-    def read(self) -> tuple[jax.Array, jax.Array]:
-        """This layer's first `window` slots, [batch, kv_heads, window, head_dim] or [batch, window, kv_heads,
-        head_dim] by the layout."""
+    def attend(self, q: jax.Array) -> jax.Array:
+        """Attention of the new queries q [batch, length, heads, head_dim] over this layer's cache (their own
+        keys included, once `append`ed). On CPU, row by row up to each row's extent; on other backends,
+        over the layer's first `window` slots (what their dots read in place)."""
+        dtype = q.dtype
+        if jax.default_backend() == "cpu" and self.heads_major:
+            return rowwise_cached_attention(q, self.k, self.v, self.layer, self.slots, self.extents)
+
         def window(buffer):
             layer = jax.lax.dynamic_index_in_dim(buffer, self.layer, 0, keepdims=False)
-            return jax.lax.slice_in_dim(layer, 0, self.window, axis=2 if self.heads_major else 1)
+            return jax.lax.slice_in_dim(layer, 0, self.window, axis=2 if self.heads_major else 1).astype(dtype)
 
-        return window(self.k), window(self.v)
+        return cached_attention(q, window(self.k), window(self.v), self.slots, heads_major=self.heads_major)
 
 
 class RMSNorm(nnx.Module):
@@ -193,10 +204,7 @@ class Attention(nnx.Module):
             out, kv = dot_product_attention(q, k, v, mask, impl=self.config.attention_impl), (k, v)
         else:
             kv = cache.append(k, v)
-            k_cached, v_cached = kv.read()
-            out = cached_attention(q, k_cached.astype(dtype), v_cached.astype(dtype), cache.slots,
-                                   heads_major=cache.heads_major)
-            out = constrain(out, ("batch", "length", "heads", "head_dim"))
+            out = constrain(kv.attend(q), ("batch", "length", "heads", "head_dim"))
         return lora.adapted(jnp.einsum("blhd,hde->ble", out, self.o_proj[...].astype(dtype)), self.o_lora, out,
                             dropout_rng), kv
 
@@ -315,13 +323,14 @@ class LlamaBackbone(nnx.Module):
             return self.norm(x), None
 
         slots = cache.lengths[:, None] + jnp.arange(length, dtype=jnp.int32)
+        extents = jnp.max(jnp.where(segment_ids > 0, slots + 1, 0), axis=1)
         graphdef, layer_state = nnx.split(self.layers)
         window = kv_window or cache.max_length
 
         def layer_body(carry, scanned):
             x, k, v = carry
             state, layer = scanned
-            layer_cache = _LayerCache(k=k, v=v, layer=layer, slots=slots, window=window,
+            layer_cache = _LayerCache(k=k, v=v, layer=layer, slots=slots, extents=extents, window=window,
                                       heads_major=cache.heads_major)
             x, layer_cache = nnx.merge(graphdef, state)(x, slots if positions is None else positions, None,
                                                         layer_cache)

@@ -69,3 +69,32 @@ def test_bfloat16_gradients_keep_dtype():
         *(x.astype(jnp.float32) for x in (q, k, v)))
     for g, w in zip(grads, want):
         np.testing.assert_allclose(np.asarray(g, np.float32), w, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("heads,kv_heads,q_len", [(4, 4, 1), (4, 2, 3), (6, 1, 1)])
+def test_rowwise_cache_attention_reads_each_row_to_its_own_length(heads, kv_heads, q_len, monkeypatch):
+    """Rows of different lengths over a stacked cache whose slots are not a multiple of the block (the
+    last block is read shifted back), on one device and split over rows and heads on a 2 x 2 mesh (where
+    the KV heads divide over it)."""
+    from alpacare_jax.sharding import MeshConfig, activate, make_mesh
+
+    monkeypatch.setattr(attention, "CACHE_BLOCK", 16)
+    layers, batch, slots, head_dim = 3, 4, 40, 8
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((batch, q_len, heads, head_dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((layers, batch, kv_heads, slots, head_dim)), jnp.float32)
+            for _ in range(2))
+    lengths = np.asarray([0, 5, 17, slots - q_len])  # cached before the queries; 17: one past a block
+    q_slots = jnp.asarray(lengths[:, None] + np.arange(q_len), jnp.int32)
+    extents = jnp.asarray(lengths + q_len, jnp.int32).at[0].set(0)  # row 0 has no counted query: skipped
+    layer = 1
+    mask = AttentionMask(q_index=q_slots, kv_index=jnp.broadcast_to(jnp.arange(slots), (batch, slots)),
+                         q_segment_ids=jnp.ones((batch, q_len), jnp.int32),
+                         kv_segment_ids=jnp.ones((batch, slots), jnp.int32))
+    want = _naive(q, jnp.swapaxes(k[layer], 1, 2), jnp.swapaxes(v[layer], 1, 2), mask).at[0].set(0)
+    rowwise = jax.jit(attention.rowwise_cached_attention)
+    np.testing.assert_allclose(rowwise(q, k, v, layer, q_slots, extents), want, rtol=1e-5, atol=1e-6)
+    if kv_heads % 2 == 0:
+        with activate(make_mesh(MeshConfig(fsdp=2, tensor=2), jax.devices()[:4])):
+            got = rowwise(q, k, v, layer, q_slots, extents)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
