@@ -175,11 +175,10 @@ def test_peft_adapter_continues_training_on_its_hf_base(prepared, hf_base, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.extended
-def test_demo_lora_lowers_the_loss_on_the_demo_base_and_its_adapter_loads_in_peft(tmp_path):
+def test_demo_lora_halves_the_loss_on_the_demo_base_and_its_adapter_loads_in_peft(tmp_path):
     """The README's LoRA demo: configs/demo.py trains and exports the base, configs/demo_lora.py trains adapters
-    on it and the loss falls below where the base left it (2.28 -> 1.93 in the recorded run: the base has already
-    fit this data, so LoRA's 80 steps gain less than the halving the full demo shows), and peft on that base with
-    the exported adapter computes what `load_model` does."""
+    on it and the loss falls to half where the base left it or below (2.28 -> 0.96 in the recorded run), and peft
+    on that base with the exported adapter computes what `load_model` does."""
     base_config = demo_config()
     base_config.update(eval_every=0, sample_prompt="")
     train(base_config, tmp_path / "demo")
@@ -189,7 +188,7 @@ def test_demo_lora_lowers_the_loss_on_the_demo_base_and_its_adapter_loads_in_pef
     train(config, workdir)
 
     losses = [r["loss"] for r in read_metrics(workdir)]
-    assert losses[-1] <= 0.9 * losses[0], losses
+    assert losses[-1] <= 0.5 * losses[0], losses
     loaded = load_model(workdir / "adapter")
     with_adapter = peft.PeftModel.from_pretrained(
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "hf", dtype=torch.float32),
