@@ -13,7 +13,9 @@ Runs alternate (ours, hf, ours, ...) so machine noise hits both; the best of the
 shared machine the best is the least disturbed); hf's first run counts (it compiles nothing), ours does
 not. The processor time of each run (all threads) is reported too: on a machine that other jobs load, it
 still measures the work each backend does. Our one-off compile time (first call) is reported separately.
-Results of the two backends are checked to agree.
+Results of the two backends are checked to agree. For generation it also prints a ceiling: the decoding
+steps one of our runs took, timed as matmuls alone at the slots' batch (`decode_throughput.matmuls_alone`),
+and the ratio against hf that a run costing only that (no attention, prefill or host work) would reach.
 
     python bench/eval_throughput.py [--questions 200 --generative 50 --batch_size 16 --repeats 3] [--only KIND]
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))  # the test fixtures that write the local tas
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from decode_throughput import matmuls_alone  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from alpacare_jax import hf  # noqa: E402
@@ -91,7 +94,7 @@ def main():
     import transformers
     from lm_eval.models.huggingface import HFLM
 
-    from alpacare_jax.eval.lm_eval_backend import AlpacareJaxLM
+    from alpacare_jax.eval.lm_eval_backend import CHUNK_TOKENS, AlpacareJaxLM
 
     config = LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
                          num_kv_heads=8, max_position_embeddings=1024)
@@ -123,8 +126,10 @@ def main():
             def run(lm, instances=instances, kind=kind):
                 return getattr(lm, WORKLOADS[kind].request_type)(list(instances), disable_tqdm=True)
 
+            ours.work.clear()
             start = time.perf_counter()
             first = run(ours)
+            steps = ours.work["decode chunks"] * CHUNK_TOKENS  # at most: a chunk ends early once every row is done
             compile_and_run = time.perf_counter() - start
             times, processor = {"ours": [], "hf": []}, {"ours": [], "hf": []}
             # hf compiles nothing: its first run is timed like the others.
@@ -149,6 +154,10 @@ def main():
                       f"processor time: {', '.join(f'{t:.1f}s' for t in processor[name])})")
             print(f"  ratio ours / hf: {rate['ours'] / rate['hf']:.2f}x (target >= 3x); in processor time "
                   f"{min(processor['hf']) / min(processor['ours']):.2f}x", flush=True)
+            if steps:
+                floor = matmuls_alone(ours.loaded.model, args.batch_size, steps)
+                print(f"  ceiling: our {steps} decoding steps of {args.batch_size} rows, as matmuls alone, take "
+                      f"{floor:.2f} s: at most {min(times['hf']) / floor:.2f}x hf's best run", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ Ours is the trainer's own step (`alpacare_jax.train.step`: gradients of the adap
 constant); the peer is `peft.get_peft_model` on `transformers.LlamaForCausalLM` with `torch.optim.AdamW`
 over the trainable parameters. Each side runs in its own subprocess and the sides alternate `--rounds`
 times (a noisy neighbour on this shared machine hits both alike); the best round of each is reported.
+
+With the base frozen, a step's least work is the forward pass and the gradients of the activations (no
+weight gradients but the adapters'): 4N FLOPs per token for the N matmul parameters (head included), plus
+attention's 12 x layers x heads x head_dim x seq, as in `LlamaConfig.flops_per_token`. Both sides are
+printed as FLOP/s against this machine's float32 matmul peak (`train_throughput.matmul_peak`), and so is
+the ceiling: the ratio a step running at that peak throughout would reach against the peer.
 """
 
 from __future__ import annotations
@@ -16,14 +22,32 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
-from train_throughput import BATCH, HEADS, HIDDEN, LAYERS, LR, MLP, SEQ, VOCAB, _model_config, _tokens
+from train_throughput import (
+    BATCH,
+    HEADS,
+    HIDDEN,
+    LAYERS,
+    LR,
+    MLP,
+    SEQ,
+    VOCAB,
+    _model_config,
+    _tokens,
+    matmul_peak,
+    spawn_worker,
+)
 
 RANK, ALPHA, DROPOUT = 16, 32.0, 0.05
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def frozen_base_flops_per_token(config, seq: int) -> float:
+    """FLOPs per token of a step whose base weights get no gradients: `flops_per_token` less the weight
+    gradients' 2N (the adapters' own few FLOPs are left out)."""
+    matmul_params = config.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    return config.flops_per_token(seq) - 2 * matmul_params
 
 
 def run_jax(steps: int) -> list[float]:
@@ -97,39 +121,36 @@ def run_torch(steps: int) -> list[float]:
     return times
 
 
-def _spawn(kind: str, steps: int) -> list[float]:
-    proc = subprocess.run([sys.executable, __file__, f"--worker={kind}", f"--steps={steps}"],
-                          capture_output=True, text=True, timeout=1800)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="alternating jax/torch rounds")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round (after one warm-up step)")
-    parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("jax", "torch", "peak"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps({"jax": run_jax, "torch": run_torch}[args.worker](args.steps)), flush=True)
+        workers = {"jax": run_jax, "torch": run_torch, "peak": lambda _: matmul_peak()}
+        print("RESULT " + json.dumps(workers[args.worker](args.steps)), flush=True)
         return
 
     tokens = BATCH * SEQ
+    flops = frozen_base_flops_per_token(_model_config(), SEQ) * tokens
     print(f"model: vocab {VOCAB}, hidden {HIDDEN}, {LAYERS} layers, {HEADS} heads, MLP {MLP}; LoRA rank {RANK} on "
           f"{', '.join(TARGETS)}; batch {BATCH} x seq {SEQ}, fp32, AdamW; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f}")
     best = {"jax": float("inf"), "torch": float("inf")}
     for round_index in range(args.rounds):
         for kind in ("jax", "torch"):
-            step_time = min(_spawn(kind, args.steps))
+            step_time = min(spawn_worker(__file__, kind, args.steps))
             best[kind] = min(best[kind], step_time)
             print(f"round {round_index + 1} {kind:5s}: {step_time:.3f} s/step, {tokens / step_time:,.0f} tokens/s "
                   f"(load average {os.getloadavg()[0]:.1f})", flush=True)
-    print(f"\nours (JAX):               {best['jax']:.3f} s/step, {tokens / best['jax']:,.0f} tokens/s")
-    print(f"peft + HF + PyTorch:      {best['torch']:.3f} s/step, {tokens / best['torch']:,.0f} tokens/s")
-    print(f"speed-up vs peft + PyTorch: {best['torch'] / best['jax']:.2f}x")
+    peak = spawn_worker(__file__, "peak", 0)
+    print(f"\nmatmul peak (fp32, 2048^3): {peak / 1e9:.1f} GFLOP/s; {flops / 1e9:.1f} GFLOP per step at the least")
+    for name, kind in (("ours (JAX):         ", "jax"), ("peft + HF + PyTorch:", "torch")):
+        print(f"{name} {best[kind]:.3f} s/step, {tokens / best[kind]:,.0f} tokens/s, "
+              f"{flops / best[kind] / 1e9:.1f} GFLOP/s = {flops / best[kind] / peak:.0%} of peak")
+    print(f"speed-up vs peft + PyTorch: {best['torch'] / best['jax']:.2f}x (ceiling at the matmul peak: "
+          f"{best['torch'] * peak / flops:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
+
+from train_throughput import spawn_worker
 
 VOCAB, HIDDEN, LAYERS, HEADS, MLP = 32000, 512, 8, 8, 1376
 QUESTIONS, OPTIONS, SEQ = 2, 4, 256
@@ -99,15 +99,6 @@ def run_torch(steps: int) -> list[float]:
     return times
 
 
-def _spawn(kind: str, steps: int) -> list[float]:
-    proc = subprocess.run([sys.executable, __file__, f"--worker={kind}", f"--steps={steps}"],
-                          capture_output=True, text=True, timeout=1800)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2, help="alternating jax/torch rounds")
@@ -128,7 +119,7 @@ def main() -> None:
     best = {"jax": float("inf"), "torch": float("inf")}
     for round_index in range(args.rounds):
         for kind in ("jax", "torch"):
-            step_time = min(_spawn(kind, args.steps))
+            step_time = min(spawn_worker(__file__, kind, args.steps))
             best[kind] = min(best[kind], step_time)
             print(f"round {round_index + 1} {kind:5s}: {step_time:.3f} s/step, {tokens / step_time:,.0f} tokens/s",
                   flush=True)

@@ -137,8 +137,10 @@ def _worker(kind: str, steps: int) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _spawn(kind: str, steps: int) -> object:
-    proc = subprocess.run([sys.executable, __file__, f"--worker={kind}", f"--steps={steps}"],
+def spawn_worker(script: str, kind: str, steps: int) -> object:
+    """What `script --worker=kind --steps=steps` printed after RESULT, run in a process of its own (so that
+    neither side's thread pools disturb the other's)."""
+    proc = subprocess.run([sys.executable, script, f"--worker={kind}", f"--steps={steps}"],
                           capture_output=True, text=True, timeout=1800)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -163,11 +165,11 @@ def main() -> None:
     best = {"jax": float("inf"), "torch": float("inf")}
     for round_index in range(args.rounds):
         for kind in ("jax", "torch"):
-            step_time = min(_spawn(kind, args.steps))
+            step_time = min(spawn_worker(__file__, kind, args.steps))
             best[kind] = min(best[kind], step_time)
             print(f"round {round_index + 1} {kind:5s}: {step_time:.3f} s/step, {tokens / step_time:,.0f} tokens/s, "
                   f"{flops / step_time / 1e9:.1f} GFLOP/s", flush=True)
-    peak = _spawn("peak", 0)
+    peak = spawn_worker(__file__, "peak", 0)
     ours = flops / best["jax"]
     print(f"\nmatmul peak (fp32, 2048^3): {peak / 1e9:.1f} GFLOP/s")
     print(f"ours (JAX):          {tokens / best['jax']:,.0f} tokens/s, {ours / 1e9:.1f} GFLOP/s = "
