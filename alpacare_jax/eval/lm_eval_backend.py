@@ -23,7 +23,9 @@ types so that results equal the harness's own `hf` backend on the HF export of t
 - `loglikelihood_rolling`: the harness's disjoint rolling windows, scored as sequences.
 - `generate_until`: continuous batching on the KV-cache decoder (`model.decode.DecodeSlots`): a row that
   emits a stop string or EOS is stopped at once and its slot takes the next prompt; the text is cut at the
-  stop string as the harness does; `max_gen_toks` from the task or the model args. On several processes
+  stop string as the harness does; `max_gen_toks` from the task or the model args. Prompts that begin
+  with the same few-shot primer (BBH's three worked examples) are grouped as for log-likelihoods: the
+  primer is prefilled once and each slot runs only what follows it. On several processes
   (whose devices the slots' state does not span yet), one `model.generate` program per batch instead.
 
 Shapes are rounded up to a few steps (`LENGTH_STEPS`, powers of two for counts), so a whole evaluation
@@ -63,7 +65,7 @@ from tqdm.auto import tqdm
 from alpacare_jax import sharding
 from alpacare_jax.infer.loading import LoadedModel, load_model
 from alpacare_jax.model import KVCache, SamplingConfig, generate
-from alpacare_jax.model.decode import BATCH_BUCKETS, DecodeSlots, SlotRequest, bucket
+from alpacare_jax.model.decode import BATCH_BUCKETS, DecodeSlots, Prefix, SlotRequest, bucket, prefill_cache
 
 BACKEND_NAME = "alpacare_jax"
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's default for its `hf` backend
@@ -131,8 +133,8 @@ def _score_shared(graphdef, state, prefix: KVCache | None, context_ids, context_
         hidden, cache = model.prefill(context_ids, segment_ids=context_segments)
         cache = cache.padded(room)
     else:
-        hidden, cache = model.hidden_states(context_ids, segment_ids=context_segments,
-                                            cache=_after_prefix(prefix, context_ids.shape[0], room))
+        cache = prefix.repeated(context_ids.shape[0]).padded(prefix.max_length + room)
+        hidden, cache = model.hidden_states(context_ids, segment_ids=context_segments, cache=cache)
     ends = jnp.maximum(jnp.sum(context_segments > 0, axis=1) - 1, 0)
     last = jnp.take_along_axis(hidden, ends[:, None, None], axis=1)[:, 0]
     logits = model.logits(last)  # [G, vocab]
@@ -148,27 +150,12 @@ def _score_shared(graphdef, state, prefix: KVCache | None, context_ids, context_
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefill_prefix(graphdef, state, prefix_ids, prefix_segments) -> KVCache:
-    """The KV cache of a shared prefix, one copy per batch shard (rows [S, P]: the same tokens in each), so
-    that repeating it to a forward's rows is local to every device."""
-    _, cache = nnx.merge(graphdef, state).prefill(prefix_ids, segment_ids=prefix_segments)
-    return cache
-
-
-def _after_prefix(prefix: KVCache, rows: int, room: int) -> KVCache:
-    """`prefix` repeated to `rows` rows, each with `room` more slots for what follows it."""
-    repeat = rows // prefix.lengths.shape[0]
-    k, v = (jnp.repeat(x, repeat, axis=1) for x in (prefix.k, prefix.v))
-    return prefix.replace(k=k, v=v, lengths=jnp.repeat(prefix.lengths, repeat)).padded(prefix.max_length + room)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
 def _score_after_prefix(graphdef, state, prefix: KVCache, input_ids, segment_ids, slot_positions, slot_targets):
     """Rows [B, L] that continue the cached `prefix` (one sequence each, right-padded): at each scored slot
     [B, S], log p(target) and the most likely token."""
     model = nnx.merge(graphdef, state)
-    hidden, _ = model.hidden_states(input_ids, segment_ids=segment_ids,
-                                    cache=_after_prefix(prefix, input_ids.shape[0], input_ids.shape[1]))
+    cache = prefix.repeated(input_ids.shape[0]).padded(prefix.max_length + input_ids.shape[1])
+    hidden, _ = model.hidden_states(input_ids, segment_ids=segment_ids, cache=cache)
     hidden = jnp.take_along_axis(hidden, slot_positions[..., None], axis=1)
     return _project(model, hidden, slot_targets)
 
@@ -237,6 +224,10 @@ class _GenerationJob:
     prompt: list[int]
     sampling: SamplingConfig
     until: list[str]
+
+    @property
+    def tokens(self) -> tuple[int, ...]:  # what `_prefix_groups` groups by
+        return tuple(self.prompt)
 
 
 def _worth_sharing(context: int, continuations: Sequence[int], max_length: int) -> bool:
@@ -454,9 +445,11 @@ class AlpacareJaxLM(TemplateLM):
         length = bucket(len(prefix), LENGTH_STEPS)
         ids, segments = (np.zeros((self._batch_shards, length), np.int32) for _ in range(2))
         ids[:, :len(prefix)], segments[:, :len(prefix)] = prefix, 1
+        # One copy per batch shard (rows [S, P], the same tokens in each): repeating it to a forward's rows is
+        # then local to every device.
         with sharding.activate(self.mesh):
-            cache = _prefill_prefix(self._graphdef, self._state,
-                                    *(_global_array(x, self.mesh, ("batch", "length")) for x in (ids, segments)))
+            cache = prefill_cache(self._graphdef, self._state,
+                                  *(_global_array(x, self.mesh, ("batch", "length")) for x in (ids, segments)))
         self.work["shared prefixes"] += 1
         return cache
 
@@ -595,11 +588,16 @@ class AlpacareJaxLM(TemplateLM):
 
     def _decode_in_slots(self, jobs: list[_GenerationJob], eos_ids: tuple[int, ...]) -> Iterator[tuple[int, str]]:
         """(job, text) as each finishes, by continuous batching: a row is stopped as soon as its text holds a
-        stop string, and its slot takes the next prompt (longest first, as `hf` orders them)."""
+        stop string, and its slot takes the next prompt (a group sharing a prefix at a time, longest first
+        within it, as `hf` orders them)."""
         longest = max((len(job.prompt) + job.sampling.max_new_tokens for job in jobs), default=1)
         slots = DecodeSlots(self.loaded.model, num_slots=self.batch_size, max_length=bucket(longest),
                             eos_ids=eos_ids, chunk_tokens=CHUNK_TOKENS)
-        queue = collections.deque(sorted(range(len(jobs)), key=lambda i: (-len(jobs[i].prompt), i)))
+        number = {id(job): i for i, job in enumerate(jobs)}
+        queue = collections.deque(  # (job, the prefix its group shares or ())
+            (number[id(job)], prefix) for prefix, group in _prefix_groups(jobs, lambda job: len(job.prompt) - 1)
+            for job in sorted(group, key=lambda job: (-len(job.prompt), number[id(job)])))
+        prefixes: dict[tuple[int, ...], Prefix] = {}  # prefilled, while their group has jobs waiting
         running: dict[int, int] = {}  # slot -> job
         tokens: dict[int, list[int]] = {}
         while queue or running:
@@ -607,15 +605,22 @@ class AlpacareJaxLM(TemplateLM):
             # about as much for a few busy rows as for all of them, each step reading every weight once.
             free = [s for s in slots.free_slots() if s not in running]
             while queue and free:
+                shared = queue[0][1]
+                if shared and shared not in prefixes:
+                    prefixes[shared] = slots.prefill_prefix(shared)
+                    self.work["shared prefixes"] += 1
+                prefix = prefixes.get(shared)
                 inserts: list[SlotRequest] = []
-                while queue and len(inserts) < len(free) and slots.fits([*(r.prompt for r in inserts),
-                                                                         jobs[queue[0]].prompt]):
-                    job = queue.popleft()
+                while queue and queue[0][1] == shared and len(inserts) < len(free) and slots.fits(
+                        [*(r.prompt for r in inserts), jobs[queue[0][0]].prompt], prefix):
+                    job, _ = queue.popleft()
                     inserts.append(SlotRequest(free[len(inserts)], jobs[job].prompt, jobs[job].sampling))
                     running[inserts[-1].slot], tokens[job] = job, []
-                for request, first in zip(inserts, slots.insert(inserts)):
+                for request, first in zip(inserts, slots.insert(inserts, prefix)):
                     tokens[running[request.slot]].append(first)
-                self.work["prefills"] += 1
+                self.work["prefills after a shared prefix" if prefix else "prefills"] += 1
+                if not queue or queue[0][1] != shared:
+                    prefixes.pop(shared, None)
                 free = free[len(inserts):]
             if not slots.done.all():
                 chunk = slots.advance()

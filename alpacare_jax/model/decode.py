@@ -401,12 +401,50 @@ def _insert_program(graphdef, params, state: DecodeState, input_ids, segment_ids
                              lengths=cache.lengths.at[slots[r]].set(lengths[r]))
 
     cache = jax.lax.fori_loop(0, jnp.sum(lengths > 0), write, state.cache)
+    return _placed_rows(state, fresh, slots).replace(cache=cache), first
 
-    def put(old, new):
-        return old.at[slots].set(new, mode="drop")
 
-    rows = jax.tree.map(put, state.replace(cache=None), fresh.replace(cache=None))
-    return rows.replace(cache=cache), first
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def prefill_cache(graphdef, params, input_ids, segment_ids) -> KVCache:
+    """The KV cache of right-padded prompts [rows, P] (a prefix that other sequences continue)."""
+    _, cache = nnx.merge(graphdef, params).prefill(input_ids, segment_ids=segment_ids)
+    return cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "width"), donate_argnames=("state",))
+def _insert_after_prefix_program(graphdef, params, state: DecodeState, prefix: KVCache, input_ids, segment_ids,
+                                 slots, settings: RowSettings, eos_ids, width: int):
+    """Prefills prompts that begin with a cached prefix (one row): rows [n, L] hold what follows it
+    (right-padded, `segment_ids` 1 on real tokens, rows of none unused) and continue copies of its cache;
+    row r, its first `width` slots, is then written into cache row `slots[r]`. Returns the state and each
+    row's first token."""
+    model: Llama = nnx.merge(graphdef, params)
+    rows = input_ids.shape[0]
+    rest = prefix.repeated(rows).padded(prefix.max_length + input_ids.shape[1])
+    hidden, rest = model.hidden_states(input_ids, segment_ids=segment_ids, cache=rest)
+    counts = jnp.sum(segment_ids > 0, axis=1)
+    last = jnp.where(counts > 0, counts - 1, -1)
+    fresh, first = _first_tokens(model, hidden[jnp.arange(rows), jnp.maximum(last, 0)], state.cache, last,
+                                 settings, eos_ids)
+    parts = [jax.lax.slice_in_dim(t, 0, width, axis=rest.slot_axis) for t in (rest.k, rest.v)]
+
+    def write(r, cache: KVCache) -> KVCache:
+        def one(buffer, source):
+            part = jax.lax.dynamic_slice_in_dim(source, r, 1, axis=1)
+            return jax.lax.dynamic_update_slice(buffer, part.astype(buffer.dtype), (0, slots[r], 0, 0, 0))
+
+        return cache.replace(k=one(cache.k, parts[0]), v=one(cache.v, parts[1]),
+                             lengths=cache.lengths.at[slots[r]].set(rest.lengths[r]))
+
+    cache = jax.lax.fori_loop(0, jnp.sum(counts > 0), write, state.cache)
+    return _placed_rows(state, fresh, slots).replace(cache=cache), first
+
+
+def _placed_rows(state: DecodeState, fresh: DecodeState, slots: jax.Array) -> DecodeState:
+    """`state` with the fresh rows' settings and first tokens (not their cache) at `slots` (past the end:
+    dropped); the caller sets the cache."""
+    return jax.tree.map(lambda old, new: old.at[slots].set(new, mode="drop"), state.replace(cache=None),
+                        fresh.replace(cache=None))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "window"), donate_argnames=("state",))
@@ -441,6 +479,15 @@ class SlotRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class Prefix:
+    """Prompt tokens that several requests begin with (a few-shot primer), prefilled once by
+    `DecodeSlots.prefill_prefix`: `insert(..., prefix=)` then runs only what follows it."""
+
+    tokens: tuple[int, ...]
+    cache: KVCache  # one row
+
+
+@dataclasses.dataclass(frozen=True)
 class Chunk:
     """What one chunk of decoding steps added: each slot's new tokens (EOS kept) and which slots are done."""
 
@@ -458,8 +505,12 @@ class DecodeSlots:
     own sampling settings, seed and `max_new_tokens`, and gets the tokens `generate` gives its prompt
     alone with the same settings (per prompt, as `generate` with one config per prompt).
 
+    Prompts that begin with the same tokens (an evaluation task's few-shot primer) can skip them: `prefill_prefix`
+    runs them once, and `insert(requests, prefix)` runs only what follows them in each slot.
+
     Programs: one prefill per packed length bucket and one chunk of steps per attention window, none
-    depending on how many slots are busy or on any request's settings; `warm_up` compiles them all.
+    depending on how many slots are busy or on any request's settings; `warm_up` compiles them all (not the
+    prefix programs, which depend on the prefix's length).
     """
 
     def __init__(self, model: Llama, *, num_slots: int, max_length: int, eos_ids: Sequence[int],
@@ -486,18 +537,47 @@ class DecodeSlots:
     def free_slots(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(self.done)]
 
-    def fits(self, prompts: Sequence[Sequence[int]]) -> bool:
-        """Whether these prompts can share one prefill."""
-        return len(prompts) <= 1 or sum(map(len, prompts)) <= self.prefill_tokens
+    def fits(self, prompts: Sequence[Sequence[int]], prefix: Prefix | None = None) -> bool:
+        """Whether these prompts (all beginning with `prefix`, if given) can share one prefill."""
+        if len(prompts) <= 1:
+            return True
+        if prefix is None:
+            return sum(map(len, prompts)) <= self.prefill_tokens
+        rows, longest = bucket(len(prompts), BATCH_BUCKETS), max(len(p) for p in prompts) - len(prefix.tokens)
+        return rows * bucket(longest) <= self.prefill_tokens
 
-    def insert(self, requests: Sequence[SlotRequest]) -> list[int]:
-        """Prefills `requests` into their (free) slots; returns each one's first token."""
-        if not requests or not self.fits([r.prompt for r in requests]) or len(requests) > self.num_slots:
+    def prefill_prefix(self, tokens: Sequence[int]) -> Prefix:
+        """`tokens` prefilled once, for `insert` to continue in every slot whose prompt begins with them."""
+        if not 0 < len(tokens) < self.max_length:
+            raise ValueError(f"a prefix of {len(tokens)} tokens for slots of {self.max_length}")
+        ids, segments = (np.zeros((1, min(bucket(len(tokens)), self.max_length)), np.int32) for _ in range(2))
+        ids[0, :len(tokens)], segments[0, :len(tokens)] = tokens, 1
+        return Prefix(tuple(tokens), prefill_cache(self._graphdef, self._params, ids, segments))
+
+    def insert(self, requests: Sequence[SlotRequest], prefix: Prefix | None = None) -> list[int]:
+        """Prefills `requests` into their (free) slots; returns each one's first token. With `prefix`, every
+        prompt begins with its tokens and is longer, and only what follows them is run."""
+        if not requests or not self.fits([r.prompt for r in requests], prefix) or len(requests) > self.num_slots:
             raise ValueError(f"{len(requests)} prompts cannot share one prefill")
         for r in requests:
             if not 0 < len(r.prompt) < self.max_length or not self.done[r.slot]:
                 raise ValueError(f"slot {r.slot}: a prompt of {len(r.prompt)} tokens into a "
                                  f"{'busy' if not self.done[r.slot] else 'free'} slot of {self.max_length}")
+            if prefix is not None and (len(r.prompt) <= len(prefix.tokens)
+                                       or tuple(r.prompt[:len(prefix.tokens)]) != prefix.tokens):
+                raise ValueError(f"slot {r.slot}: its prompt does not continue the {len(prefix.tokens)}-token prefix")
+        if prefix is None:
+            first = self._insert_packed(requests)
+        else:
+            first = self._insert_after(requests, prefix)
+        first = _to_host(first)
+        for r, token in zip(requests, first):
+            self._lengths[r.slot] = len(r.prompt)
+            self.done[r.slot] = token in self._eos or r.sampling.max_new_tokens == 1
+        return [int(t) for t in first[: len(requests)]]
+
+    def _insert_packed(self, requests: Sequence[SlotRequest]) -> jax.Array:
+        """Whole prompts packed into one row of the prefill."""
         width = min(bucket(sum(len(r.prompt) for r in requests)), self.max_length)
         packed = _Packed.of([r.prompt for r in requests], width, self.num_slots)
         slots = np.full(self.num_slots, self.num_slots, np.int32)  # past the end: unused rows
@@ -506,11 +586,23 @@ class DecodeSlots:
         self._state, first = _insert_program(self._graphdef, self._params, self._state, packed.input_ids,
                                              packed.segment_ids, packed.positions, packed.starts, packed.lengths,
                                              slots, settings, self._eos)
-        first = _to_host(first)
-        for r, token in zip(requests, first):
-            self._lengths[r.slot] = len(r.prompt)
-            self.done[r.slot] = token in self._eos or r.sampling.max_new_tokens == 1
-        return [int(t) for t in first[: len(requests)]]
+        return first
+
+    def _insert_after(self, requests: Sequence[SlotRequest], prefix: Prefix) -> jax.Array:
+        """A row per prompt holding what follows the prefix, the prefix's cache copied under each."""
+        rests = [r.prompt[len(prefix.tokens):] for r in requests]
+        rows = bucket(len(requests), BATCH_BUCKETS)
+        input_ids, segment_ids = (np.zeros((rows, bucket(max(map(len, rests)))), np.int32) for _ in range(2))
+        for row, rest in enumerate(rests):
+            input_ids[row, :len(rest)], segment_ids[row, :len(rest)] = rest, 1
+        slots = np.full(rows, self.num_slots, np.int32)  # past the end: unused rows
+        slots[: len(requests)] = [r.slot for r in requests]
+        settings = RowSettings.of([r.sampling for r in requests], [0] * len(requests), rows)
+        width = min(prefix.cache.max_length + input_ids.shape[1], self.max_length)  # every prompt fits in it
+        self._state, first = _insert_after_prefix_program(self._graphdef, self._params, self._state, prefix.cache,
+                                                          input_ids, segment_ids, slots, settings, self._eos,
+                                                          width=width)
+        return first
 
     def advance(self) -> Chunk:
         """Up to `chunk_tokens` more tokens of every busy slot (none when all are free)."""

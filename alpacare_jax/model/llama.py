@@ -114,6 +114,13 @@ class KVCache:
     def max_length(self) -> int:
         return self.k.shape[self.slot_axis]
 
+    def repeated(self, rows: int) -> KVCache:
+        """Each row repeated to make `rows` rows (a multiple of the batch): a shared prefix's cache, one copy
+        per row that continues it (per batch shard when the prefix has a row per shard)."""
+        repeat = rows // self.lengths.shape[0]
+        k, v = (jnp.repeat(x, repeat, axis=1) for x in (self.k, self.v))
+        return self.replace(k=k, v=v, lengths=jnp.repeat(self.lengths, repeat))
+
     def padded(self, max_length: int) -> KVCache:
         """The same rows with room for `max_length` slots each."""
         pad = [(0, 0)] * 5

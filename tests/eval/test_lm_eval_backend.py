@@ -102,9 +102,11 @@ def test_matches_hf_backend(tiny_hf_dir, hf_reference, tmp_path):  # noqa: F811
     assert any(len(text) < 10 for text in generated), "no stop string was hit: the test would not check them"
     # Every way of scoring was used: packed sequences (yes/no, rolling windows), contexts shared by several
     # multi-token continuations (MC2), a prefix run once for the requests that share it (MMLU's instruction,
-    # MC2's six-question primer), and decoding rows stopped at a stop string.
+    # MC2's six-question primer, BBH's three worked examples before the generated answers), and decoding rows
+    # stopped at a stop string.
     assert lm.work["packed forwards"] and lm.work["shared-context forwards"], lm.work
-    assert lm.work["shared prefixes"] >= 2 and lm.work["forwards after a shared prefix"], lm.work
+    assert lm.work["shared prefixes"] >= 3 and lm.work["forwards after a shared prefix"], lm.work
+    assert lm.work["prefills after a shared prefix"], lm.work
     assert lm.work["rows stopped at a stop string"], lm.work
     assert_same_results(ours, reference)
 

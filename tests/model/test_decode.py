@@ -149,21 +149,23 @@ def test_tpu_cache_layout_decodes_the_same_tokens(models):
     assert _run_slots(slots, requests) == alone
 
 
-def _run_slots(slots: DecodeSlots, requests: list[tuple[list[int], SamplingConfig]], *, stop_after=None):
+def _run_slots(slots: DecodeSlots, requests: list[tuple[list[int], SamplingConfig]], *, stop_after=None,
+               prefix=None):
     """Serves `requests` through `slots` as a server does: each is inserted as soon as a slot is free
     (several at once when they fit one prefill), while the others keep decoding. `stop_after` maps a
-    request to the number of chunks after which it is stopped. Returns each request's tokens."""
+    request to the number of chunks after which it is stopped; `prefix` (a `Prefix` every prompt begins
+    with) is continued instead of prefilling whole prompts. Returns each request's tokens."""
     out = [[] for _ in requests]
     waiting, owner, chunks = list(range(len(requests))), {}, {}
     while waiting or owner:
         inserted = []
         for slot in slots.free_slots():
-            if waiting and slots.fits([requests[i][0] for i in [*inserted, waiting[0]]]):
+            if waiting and slots.fits([requests[i][0] for i in [*inserted, waiting[0]]], prefix):
                 inserted.append(waiting.pop(0))
                 owner[slot] = inserted[-1]
         if inserted:
             by_slot = [(s, i) for s, i in owner.items() if i in inserted]
-            first = slots.insert([SlotRequest(s, *requests[i]) for s, i in by_slot])
+            first = slots.insert([SlotRequest(s, *requests[i]) for s, i in by_slot], prefix)
             for (slot, i), token in zip(by_slot, first):
                 out[i].append(token)
                 if slots.done[slot]:
@@ -208,6 +210,24 @@ def test_slots_give_each_request_what_it_gets_alone(models):
     # One config for a whole batch: each row draws its own stream, so equal prompts get different answers.
     shared = generate(model, [requests[1][0]] * 4, requests[1][1], eos_ids=[-5])
     assert len({tuple(row) for row in shared}) > 1
+
+
+def test_slots_continuing_a_prefilled_prefix_give_what_whole_prompts_get(models):
+    """Requests that begin with the same 21 tokens (a few-shot primer) and differ after them: the primer is
+    prefilled once and each slot runs only the rest, with the same tokens as each whole prompt alone; 7
+    requests through 3 slots (so the slots are refilled while others decode, and rows are padded to 4)."""
+    _, model = models
+    rng = np.random.default_rng(8)
+    primer = rng.integers(3, 128, 21).tolist()
+    requests = [(primer + prompt[:int(rng.integers(1, 13))], sampling) for prompt, sampling in _requests(9, 7)]
+    alone = [generate(model, [prompt], [sampling], eos_ids=[-5])[0] for prompt, sampling in requests]
+    slots = DecodeSlots(model, num_slots=3, max_length=64, eos_ids=[-5], chunk_tokens=4, prefill_tokens=64)
+    prefix = slots.prefill_prefix(primer)
+    assert _run_slots(slots, requests, prefix=prefix) == alone
+    with pytest.raises(ValueError, match="does not continue"):
+        slots.insert([SlotRequest(0, primer[1:] + [5, 6], SamplingConfig())], prefix)
+    with pytest.raises(ValueError, match="does not continue"):
+        slots.insert([SlotRequest(0, primer, SamplingConfig())], prefix)  # nothing after it to run
 
 
 def test_stopped_slots_emit_nothing_more_and_are_reused(models):
