@@ -391,17 +391,25 @@ def _insert_program(graphdef, params, state: DecodeState, input_ids, segment_ids
     pad = [(0, 0)] * 5
     pad[packed.slot_axis] = (0, width)
     doubled = [jnp.pad(t, pad) for t in (packed.k, packed.v)]
+    cache = _write_rows(state.cache, doubled, jnp.sum(lengths > 0), slots, lengths,
+                        lambda source, r: jax.lax.dynamic_slice_in_dim(source, starts[r], width, packed.slot_axis))
+    return _placed_rows(state, fresh, slots).replace(cache=cache), first
+
+
+def _write_rows(cache: KVCache, sources: Sequence[jax.Array], count: jax.Array, slots: jax.Array,
+                lengths: jax.Array, part: Callable[[jax.Array, jax.Array], jax.Array]) -> KVCache:
+    """`cache` with prompts 0 .. count - 1 written into rows `slots[r]` (lengths `lengths[r]`), one prompt at a
+    time, in place: `part(source, r)` is prompt r's [layers, 1, ...] block of `sources` (keys, values),
+    from its first slot on."""
 
     def write(r, cache: KVCache) -> KVCache:
         def one(buffer, source):
-            part = jax.lax.dynamic_slice_in_dim(source, starts[r], width, axis=packed.slot_axis)
-            return jax.lax.dynamic_update_slice(buffer, part.astype(buffer.dtype), (0, slots[r], 0, 0, 0))
+            return jax.lax.dynamic_update_slice(buffer, part(source, r).astype(buffer.dtype), (0, slots[r], 0, 0, 0))
 
-        return cache.replace(k=one(cache.k, doubled[0]), v=one(cache.v, doubled[1]),
+        return cache.replace(k=one(cache.k, sources[0]), v=one(cache.v, sources[1]),
                              lengths=cache.lengths.at[slots[r]].set(lengths[r]))
 
-    cache = jax.lax.fori_loop(0, jnp.sum(lengths > 0), write, state.cache)
-    return _placed_rows(state, fresh, slots).replace(cache=cache), first
+    return jax.lax.fori_loop(0, count, write, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -427,16 +435,8 @@ def _insert_after_prefix_program(graphdef, params, state: DecodeState, prefix: K
     fresh, first = _first_tokens(model, hidden[jnp.arange(rows), jnp.maximum(last, 0)], state.cache, last,
                                  settings, eos_ids)
     parts = [jax.lax.slice_in_dim(t, 0, width, axis=rest.slot_axis) for t in (rest.k, rest.v)]
-
-    def write(r, cache: KVCache) -> KVCache:
-        def one(buffer, source):
-            part = jax.lax.dynamic_slice_in_dim(source, r, 1, axis=1)
-            return jax.lax.dynamic_update_slice(buffer, part.astype(buffer.dtype), (0, slots[r], 0, 0, 0))
-
-        return cache.replace(k=one(cache.k, parts[0]), v=one(cache.v, parts[1]),
-                             lengths=cache.lengths.at[slots[r]].set(rest.lengths[r]))
-
-    cache = jax.lax.fori_loop(0, jnp.sum(counts > 0), write, state.cache)
+    cache = _write_rows(state.cache, parts, jnp.sum(counts > 0), slots, rest.lengths,
+                        lambda source, r: jax.lax.dynamic_slice_in_dim(source, r, 1, axis=1))
     return _placed_rows(state, fresh, slots).replace(cache=cache), first
 
 
