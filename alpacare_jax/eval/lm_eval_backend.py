@@ -597,7 +597,7 @@ class AlpacareJaxLM(TemplateLM):
         queue = collections.deque(  # (job, the prefix its group shares or ())
             (number[id(job)], prefix) for prefix, group in _prefix_groups(jobs, lambda job: len(job.prompt) - 1)
             for job in sorted(group, key=lambda job: (-len(job.prompt), number[id(job)])))
-        prefixes: dict[tuple[int, ...], Prefix] = {}  # prefilled, while their group has jobs waiting
+        prefix: Prefix | None = None  # the group being inserted shares it (groups are contiguous in the queue)
         running: dict[int, int] = {}  # slot -> job
         tokens: dict[int, list[int]] = {}
         while queue or running:
@@ -606,10 +606,11 @@ class AlpacareJaxLM(TemplateLM):
             free = [s for s in slots.free_slots() if s not in running]
             while queue and free:
                 shared = queue[0][1]
-                if shared and shared not in prefixes:
-                    prefixes[shared] = slots.prefill_prefix(shared)
+                if not shared:
+                    prefix = None
+                elif prefix is None or prefix.tokens != shared:
+                    prefix = slots.prefill_prefix(shared)
                     self.work["shared prefixes"] += 1
-                prefix = prefixes.get(shared)
                 inserts: list[SlotRequest] = []
                 while queue and queue[0][1] == shared and len(inserts) < len(free) and slots.fits(
                         [*(r.prompt for r in inserts), jobs[queue[0][0]].prompt], prefix):
@@ -619,8 +620,6 @@ class AlpacareJaxLM(TemplateLM):
                 for request, first in zip(inserts, slots.insert(inserts, prefix)):
                     tokens[running[request.slot]].append(first)
                 self.work["prefills after a shared prefix" if prefix else "prefills"] += 1
-                if not queue or queue[0][1] != shared:
-                    prefixes.pop(shared, None)
                 free = free[len(inserts):]
             if not slots.done.all():
                 chunk = slots.advance()
